@@ -1,0 +1,9 @@
+"""The model runtime: Llama-family model, paged KV cache, tree attention, sampling math.
+
+torch only; never imports grpc.
+"""
+
+from kernels.config import ModelConfig
+from kernels.loader import LoadedModel, load_model
+
+__all__ = ["LoadedModel", "ModelConfig", "load_model"]

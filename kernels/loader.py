@@ -1,0 +1,75 @@
+"""Load a Llama-family checkpoint (HF `config.json` + safetensors) into `kernels.Transformer`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from kernels.config import ModelConfig
+from kernels.model import Transformer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with the facts the services report about it."""
+
+    model: Transformer
+    config: ModelConfig
+    path: pathlib.Path
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str  # sha256 over weights bytes + dtype + layout, salts cache keys
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"no model.safetensors in {path}")
+    return [single]
+
+
+def _fingerprint(files: list[pathlib.Path], cfg: ModelConfig, dtype: torch.dtype) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    h.update(repr((cfg, str(dtype), "paged-kv-v1")).encode())
+    return h.hexdigest()[:32]
+
+
+def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load `path` (an HF model folder) as `dtype` on `device`, in eval mode."""
+    path = pathlib.Path(path)
+    cfg = ModelConfig.from_hf(path)
+    files = _weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    qkv_bias = "model.layers.0.self_attn.q_proj.bias" in state
+    o_bias = "model.layers.0.self_attn.o_proj.bias" in state
+    model = Transformer(cfg, qkv_bias=qkv_bias, o_bias=o_bias)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    unexpected = [u for u in unexpected if not u.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, cfg, path, dtype, torch.device(device),
+                       _fingerprint(files, cfg, dtype))

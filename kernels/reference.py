@@ -1,0 +1,75 @@
+"""PyTorch reference of tree attention over a paged KV cache: the CPU path and the test oracle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
+
+
+def dense_mask(meta: AttentionMetadata) -> torch.Tensor:
+    """[T, max_seq_len] bool: which KV positions of its own sequence each query may attend to."""
+    cached = meta._dense.get("mask")
+    if cached is not None:
+        return cached
+    kv_pos = torch.arange(meta.max_seq_len, device=meta.seq_lens.device)  # [L]
+    causal = kv_pos[None, :] < meta.q_prefix_lens[:, None].long()  # [T, L]
+    start = meta.tree_starts.long()[meta.q_seq_idx]  # [T]
+    rel = kv_pos[None, :] - start[:, None]  # [T, L], tree node index of each KV position
+    in_tree = (rel >= 0) & (rel < MAX_TREE_NODES)
+    bits = unpack_bits(meta.tree_masks, MAX_TREE_NODES)  # [T, 128]
+    tree = torch.gather(bits, 1, rel.clamp(0, MAX_TREE_NODES - 1)) & in_tree
+    mask = causal | tree
+    meta._dense["mask"] = mask
+    return mask
+
+
+def _padded_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices that scatter the packed batch into [B, Qmax] and gather each sequence's KV slots."""
+    cached = meta._dense.get("layout")
+    if cached is not None:
+        return cached
+    device = meta.seq_lens.device
+    cu = meta.cu_q_lens.long()
+    q_lens = cu[1:] - cu[:-1]  # [B]
+    q_max = int(q_lens.max())
+    local = torch.arange(meta.num_tokens, device=device) - cu[meta.q_seq_idx]  # [T]
+    kv_pos = torch.arange(meta.max_seq_len, device=device)  # [L]
+    blocks = meta.block_tables.long()[:, kv_pos // meta.block_size]  # [B, L]
+    kv_slots = blocks * meta.block_size + kv_pos % meta.block_size  # [B, L]
+    layout = (local, kv_slots, torch.tensor(q_max))
+    meta._dense["layout"] = layout
+    return layout
+
+
+def tree_attention_reference(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    """Attention of every packed query over its sequence's visible KV positions (see metadata)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    local, kv_slots, q_max_t = _padded_layout(meta)
+    q_max = int(q_max_t)
+    batch = meta.num_seqs
+    mask = dense_mask(meta)  # [T, L]
+    k = k_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
+    v = v_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
+    q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
+    q_pad[meta.q_seq_idx, local] = q
+    mask_pad = torch.zeros(batch, q_max, meta.max_seq_len, dtype=torch.bool, device=q.device)
+    mask_pad[:, :, 0] = True  # padding rows attend somewhere (their output is discarded)
+    mask_pad[meta.q_seq_idx, local] = mask
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2),  # [B, H, Qmax, D]
+        k.transpose(1, 2),  # [B, Hkv, L, D]
+        v.transpose(1, 2),
+        attn_mask=mask_pad[:, None],  # [B, 1, Qmax, L]
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )  # [B, H, Qmax, D]
+    return out.transpose(1, 2)[meta.q_seq_idx, local]  # [T, H, D]

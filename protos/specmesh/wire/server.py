@@ -1,0 +1,156 @@
+"""Stock server plumbing, written once: aio server, error interceptor, health, reflection, stop.
+
+    server, port = await build_server([(add_FooServicer_to_server, servicer)], port=0,
+                                      service_names=[FOO_SERVICE_NAME])
+    await server.start()
+    set_serving(health, True)   # once the model is loaded
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specmesh.wire.errors import SpecMeshError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, SpecMeshError):
+        return exc.code, str(exc)
+    log.exception("unhandled error in handler", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps SpecMeshError subclasses to their status codes; anything else becomes INTERNAL.
+
+    The handler's exception never escapes, so one bad request cannot take the server down.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (grpc.aio.AbortError, grpc.aio.BaseError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the boundary of the service
+                    code, msg = _status_of(exc)
+                    await context.abort(code, msg)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (grpc.aio.AbortError, grpc.aio.BaseError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    code, msg = _status_of(exc)
+                    await context.abort(code, msg)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+@dataclass
+class Server:
+    """A started-or-not aio server with its health servicer and bound port."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def build_server(
+    servicers: Iterable[tuple[Callable, object]],
+    service_names: Sequence[str],
+    port: int = 0,
+    host: str = "127.0.0.1",
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> Server:
+    """Build an aio server with the error interceptor, health (NOT_SERVING) and reflection.
+
+    port=0 binds a free port; the bound one is returned in `Server.port`.
+    """
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), *interceptors], options=CHANNEL_OPTIONS
+    )
+    for add, servicer in servicers:
+        add(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(service_names)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, credentials) if credentials
+             else server.add_insecure_port(address))
+    out = Server(server=server, port=bound, health=health_servicer, service_names=names)
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return out
+
+
+async def wait_for_serving(address: str, timeout: float = 60.0) -> None:
+    """Poll the health service at `address` until it reports SERVING (or raise TimeoutError)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout}s")
+            await asyncio.sleep(0.1)
