@@ -54,14 +54,24 @@ class SequenceStep:
     num_cached: int  # committed KV positions before this step
     num_causal: int  # new ordinary tokens (prefill chunk or accepted tokens)
     tree_ancestors: torch.Tensor | None = None  # [n, n] bool, ancestor-or-self; None = no tree
+    # Tree nodes computed this step (their KV is written); the others must already be in the
+    # cache at tree_start + index (a draft growing its tree depth by depth). None = all nodes.
+    tree_query_nodes: torch.Tensor | None = None  # [m] int64, ascending
 
     @property
     def num_tree(self) -> int:
         return 0 if self.tree_ancestors is None else int(self.tree_ancestors.shape[0])
 
     @property
+    def num_tree_queries(self) -> int:
+        if self.tree_query_nodes is not None:
+            return int(self.tree_query_nodes.shape[0])
+        return self.num_tree
+
+    @property
     def num_new(self) -> int:
-        return self.num_causal + self.num_tree
+        """Queries of this sequence in the packed batch."""
+        return self.num_causal + self.num_tree_queries
 
 
 def _pack_bits(rows: torch.Tensor) -> torch.Tensor:
@@ -84,23 +94,25 @@ def build_metadata(steps: list[SequenceStep], block_size: int) -> AttentionMetad
             raise ValueError(f"tree of {s.num_tree} nodes exceeds {MAX_TREE_NODES}")
         table = torch.tensor(s.block_table, dtype=torch.int64)
         block_tables[b, : len(s.block_table)] = table.to(torch.int32)
-        total = s.num_cached + s.num_new
+        start = s.num_cached + s.num_causal
+        total = start + s.num_tree
         if total > len(s.block_table) * block_size:
             raise ValueError(f"sequence {b}: {total} positions but {len(s.block_table)} blocks")
-        positions = torch.arange(s.num_cached, total, dtype=torch.int64)
+        nodes = (s.tree_query_nodes if s.tree_query_nodes is not None
+                 else torch.arange(s.num_tree, dtype=torch.int64))
+        positions = torch.cat([torch.arange(s.num_cached, start, dtype=torch.int64), start + nodes])
         slots.append(table[positions // block_size] * block_size + positions % block_size)
-        start = s.num_cached + s.num_causal
         seq_lens.append(total)
         tree_starts.append(start)
         cu.append(cu[-1] + s.num_new)
         q_seq.append(torch.full((s.num_new,), b, dtype=torch.int64))
         q_prefix.append(torch.cat([
             torch.arange(s.num_cached + 1, start + 1, dtype=torch.int32),
-            torch.full((s.num_tree,), start, dtype=torch.int32),
+            torch.full((s.num_tree_queries,), start, dtype=torch.int32),
         ]))
         mask = torch.zeros(s.num_new, MASK_WORDS, dtype=torch.int64)
         if s.tree_ancestors is not None:
-            mask[s.num_causal:] = _pack_bits(s.tree_ancestors)
+            mask[s.num_causal:] = _pack_bits(s.tree_ancestors)[nodes]
         masks.append(mask)
     return AttentionMetadata(
         block_tables=block_tables,

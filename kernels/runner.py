@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention_metadata import SequenceStep, build_metadata, to_device
-from kernels.kv_cache import NoRoom, PagedKVCache
+from kernels.kv_cache import PagedKVCache
 from kernels.loader import LoadedModel
 from kernels.tree import TreeBuffers
 
@@ -22,11 +22,15 @@ class ForwardItem:
     seq_id: str
     new_tokens: list[int]  # causal tokens appended after the committed prefix
     tree: TreeBuffers | None = None  # draft tree after new_tokens; None = no tree
+    # Only these tree nodes are computed (the rest are already cached); None = all of them.
+    tree_query_nodes: list[int] | None = None
 
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [1 + num_tree, vocab] last causal token's row, then each tree node's
+    # [int(has causal tokens) + num tree queries, vocab]: the last causal token's row (if any
+    # causal tokens), then one row per computed tree node
+    logits: torch.Tensor
     num_cached_before: int  # committed positions before this step
 
 
@@ -36,16 +40,6 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv: PagedKVCache):
         self.loaded = loaded
         self.kv = kv
-
-    def reserve(self, items: list[ForwardItem]) -> NoRoom | None:
-        """Reserve KV blocks for every item; on failure nothing is kept for the failing item."""
-        for it in items:
-            need = self.kv.num_tokens(it.seq_id) + len(it.new_tokens) + (
-                it.tree.num_nodes if it.tree else 0)
-            res = self.kv.reserve(it.seq_id, need)
-            if res is not None:
-                return res
-        return None
 
     def forward(self, items: list[ForwardItem]) -> list[ForwardOutput]:
         """Run all items in one forward. Blocks must be reserved (see `reserve`).
@@ -57,21 +51,25 @@ class ModelRunner:
         steps, tokens, positions, rows = [], [], [], []
         offset = 0
         for it in items:
-            if not it.new_tokens:
-                raise ValueError(f"{it.seq_id}: a forward item needs at least one new token")
+            tree = it.tree
+            if not it.new_tokens and tree is None:
+                raise ValueError(f"{it.seq_id}: a forward item needs new tokens or a tree")
             cached = self.kv.num_tokens(it.seq_id)
             n_causal = len(it.new_tokens)
-            tree = it.tree
+            nodes = None
+            if tree is not None and it.tree_query_nodes is not None:
+                nodes = torch.tensor(it.tree_query_nodes, dtype=torch.int64)
             steps.append(SequenceStep(self.kv.block_table(it.seq_id), cached, n_causal,
-                                      tree.ancestors if tree else None))
+                                      tree.ancestors if tree else None, nodes))
             tokens.append(torch.tensor(it.new_tokens, dtype=torch.int64))
             positions.append(torch.arange(cached, cached + n_causal))
-            n_tree = 0
+            n_tree = steps[-1].num_tree_queries
             if tree is not None:
-                tokens.append(tree.tokens)
-                positions.append(cached + n_causal + tree.depths)
-                n_tree = tree.num_nodes
-            rows.append(torch.arange(offset + n_causal - 1, offset + n_causal + n_tree))
+                sel = nodes if nodes is not None else slice(None)
+                tokens.append(tree.tokens[sel])
+                positions.append(cached + n_causal + tree.depths[sel])
+            first = offset + n_causal - 1 if n_causal else offset
+            rows.append(torch.arange(first, offset + n_causal + n_tree))
             offset += n_causal + n_tree
         meta = build_metadata(steps, self.kv.block_size)
         if device.type != "cpu":
@@ -83,7 +81,7 @@ class ModelRunner:
         )  # [sum(1 + n_tree), vocab]
         outs, start = [], 0
         for it, step in zip(items, steps):
-            n = 1 + step.num_tree
+            n = int(step.num_causal > 0) + step.num_tree_queries
             outs.append(ForwardOutput(logits[start:start + n], step.num_cached))
             start += n
             self.kv.set_num_tokens(it.seq_id, step.num_cached + step.num_causal)

@@ -29,3 +29,12 @@ def decode_sparse(msg: common_pb2.SparseDistribution) -> Sparse:
     if len(msg.probs_f16) != 2 * len(ids):
         raise ValueError(f"probs_f16 holds {len(msg.probs_f16)} bytes for {len(ids)} token ids")
     return Sparse(ids, np.frombuffer(msg.probs_f16, dtype="<f2"))
+
+
+def model_info(loaded) -> common_pb2.ModelInfo:
+    """ModelInfo of a loaded model (duck-typed: `.name`, `.fingerprint`, `.config`)."""
+    cfg = loaded.config
+    return common_pb2.ModelInfo(
+        name=loaded.name, vocab_size=cfg.vocab_size, max_context=cfg.max_position_embeddings,
+        fingerprint=loaded.fingerprint, bos_token_id=cfg.bos_token_id or 0,
+        eos_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else -1)

@@ -64,3 +64,24 @@ def error_from_rpc(err: grpc.RpcError) -> SpecMeshError:
         exc.code = code
         return exc
     return cls(details)
+
+
+def as_wire_error(exc: Exception) -> Exception:
+    """Map a domain error from an engine's lower layers to its SpecMeshError class.
+
+    Lower layers (kernels) know nothing of gRPC; their errors declare `wire_status`
+    ("INVALID_ARGUMENT" with `field`/`problem`, or "NOT_FOUND"). A plain ValueError is an invalid
+    request about `default_field`. Anything else passes through (it becomes INTERNAL).
+    """
+    if isinstance(exc, SpecMeshError):
+        return exc
+    status = getattr(exc, "wire_status", None)
+    if status == "INVALID_ARGUMENT":
+        return InvalidRequest(exc.field, exc.problem)
+    if status == "NOT_FOUND":
+        seq = exc.args[0] if exc.args else "?"
+        return UnknownSequence(f"header.sequence_id: unknown sequence {seq!r} (never seen, "
+                               "released or evicted); resend with num_cached_tokens=0")
+    if isinstance(exc, ValueError):
+        return InvalidRequest("sampling", str(exc))
+    return exc

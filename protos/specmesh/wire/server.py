@@ -154,3 +154,21 @@ async def wait_for_serving(address: str, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not SERVING after {timeout}s")
             await asyncio.sleep(0.1)
+
+
+async def serve_until_signal(server: Server, grace: float = 5.0, ready_line: str | None = None) -> None:
+    """Block until SIGINT/SIGTERM, then stop gracefully. Prints `ready_line` once listening."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    if ready_line:
+        print(ready_line, flush=True)
+    await stop.wait()
+    await server.stop(grace)

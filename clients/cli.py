@@ -1,0 +1,123 @@
+"""The `specmesh` command: generate, serve, up, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from clients.async_client import AsyncSpecMeshClient
+from clients.local_stack import LocalStack
+from clients.models import resolve_pair
+from clients.types import GenerationParams
+from specmesh.wire.errors import SpecMeshError
+from specmesh.wire.tree_spec import TreeSpec
+
+SERVICE_MODULES = {"draft": "draft_service", "verify": "verify_service",
+                   "cache": "cache_service", "gateway": "clients.gateway"}
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=None, help="chain length (same as --tree chain:K)")
+    p.add_argument("--tree", default=None, help="chain:K | static:B1,B2,.. | dynamic:N | none")
+    p.add_argument("--no-spec", action="store_true", help="target-only decoding (no draft)")
+    p.add_argument("--adaptive", action="store_true", help="choose the tree size every round")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--draft", default=None, help="draft model folder (or name under "
+                   "SPECMESH_MODEL_DIR)")
+    p.add_argument("--target", default=None, help="target model folder")
+    p.add_argument("--draft-addr", default=None, help="host:port of a running draft service")
+    p.add_argument("--verify-addr", default=None, help="host:port of a running verify service")
+
+
+def generation_params(args: argparse.Namespace) -> GenerationParams:
+    """The one place CLI flags become GenerationParams."""
+    if args.tree:
+        tree = TreeSpec.parse(args.tree)
+    elif args.k is not None:
+        tree = TreeSpec.parse(f"chain:{args.k}")
+    else:
+        tree = GenerationParams().tree
+    return GenerationParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        tree=tree, speculate=not args.no_spec and tree.enabled, adaptive=args.adaptive)
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    params = generation_params(args)
+    target, draft = resolve_pair(args.target, args.draft)
+    if args.verify_addr:
+        stack = None
+        verify_addr, draft_addr = args.verify_addr, args.draft_addr
+    else:
+        stack = LocalStack(target, None if not params.speculate else draft)
+        await stack.__aenter__()
+        verify_addr, draft_addr = stack.verify_addr, stack.draft_addr
+    try:
+        async with AsyncSpecMeshClient(verify_addr, draft_addr if params.speculate else None,
+                                       tokenizer_dir=str(target)) as client:
+            if args.json:
+                result = await client.generate(args.prompt, params.max_new_tokens, params=params)
+                print(json.dumps(result.to_json()))
+            else:
+                print(args.prompt, end="", flush=True)
+                async for ev in client.stream(args.prompt, params.max_new_tokens, params=params):
+                    print(ev.text, end="", flush=True)
+                    if ev.result is not None:
+                        s = ev.result.stats
+                        print(f"\n\n[{len(ev.result.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, "
+                              f"{s.num_rounds} rounds, {s.mean_accepted_per_round:.2f} accepted "
+                              f"per round, tree {ev.result.tree}, finish: "
+                              f"{ev.result.finish_reason}]", file=sys.stderr)
+    finally:
+        if stack is not None:
+            await stack.__aexit__(None, None, None)
+    return 0
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """Replace this process with `python -m <service> ...` (services are never imported here)."""
+    module = SERVICE_MODULES[args.service]
+    os.execv(sys.executable, [sys.executable, "-m", module, *rest])
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text (starts a local stack if no addresses)")
+    gen.add_argument("prompt")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_generation_args(gen)
+    serve = sub.add_parser("serve", help="run one service (flags go to it; see --help there)",
+                           add_help=False)
+    serve.add_argument("service", choices=sorted(SERVICE_MODULES))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return asyncio.run(_generate(args))
+    except (SpecMeshError, FileNotFoundError, ValueError) as exc:
+        print(f"specmesh: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

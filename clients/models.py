@@ -1,0 +1,38 @@
+"""Where the default model pair lives: SPECMESH_MODEL_DIR (or ../shared/models beside the repo)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+DEFAULT_TARGET = "stories260K-wide78M"
+DEFAULT_DRAFT = "stories260K-draft2L-wide5M"
+
+
+def model_dir() -> pathlib.Path:
+    env = os.environ.get("SPECMESH_MODEL_DIR")
+    if env:
+        return pathlib.Path(env).expanduser().resolve()
+    here = pathlib.Path(__file__).resolve().parents[1]
+    for cand in (here.parent / "shared" / "models", pathlib.Path.cwd() / "models",
+                 pathlib.Path.cwd().parent / "shared" / "models"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "shared" / "models"
+
+
+def resolve_pair(target: str | None, draft: str | None) -> tuple[pathlib.Path, pathlib.Path]:
+    """(target, draft) folders; names are looked up under model_dir(). Clear error if missing."""
+    base = model_dir()
+    out = []
+    for given, default, role in ((target, DEFAULT_TARGET, "target"),
+                                 (draft, DEFAULT_DRAFT, "draft")):
+        path = pathlib.Path(given).expanduser() if given else base / default
+        if not path.is_absolute() and not path.exists():
+            path = base / str(given)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{role} model not found at {path}. Set SPECMESH_MODEL_DIR to the folder holding "
+                f"{DEFAULT_TARGET}/ and {DEFAULT_DRAFT}/, or pass --{role} DIR.")
+        out.append(path.resolve())
+    return out[0], out[1]

@@ -1,0 +1,95 @@
+"""Plain data the client API takes and returns (no torch, no gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specmesh.v1 import common_pb2
+from specmesh.wire.tree_spec import TreeSpec
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    tree: TreeSpec = TreeSpec("chain", chain_length=4)
+    speculate: bool = True
+    adaptive: bool = False  # pick the tree size each round from measured acceptance and costs
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: {self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: {self.top_k} must be >= 0")
+
+    @property
+    def deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+    def sampling_proto(self) -> common_pb2.SamplingParams:
+        msg = common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                                        top_k=self.top_k)
+        if self.seed is not None:
+            msg.seed = self.seed
+        return msg
+
+
+@dataclass
+class GenerationStats:
+    num_rounds: int = 0
+    num_draft_tokens: int = 0  # tokens proposed by the draft
+    num_accepted_tokens: int = 0  # of those, accepted by the target
+    num_generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_time_s: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        return self.num_accepted_tokens / self.num_rounds if self.num_rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only
+    prompt_token_ids: list[int]
+    finish_reason: str  # "length" | "eos" | "stop" | "cancelled"
+    stats: GenerationStats
+    tree: str = ""
+
+    def to_json(self) -> dict:
+        s = self.stats
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "num_prompt_tokens": len(self.prompt_token_ids),
+            "num_generated_tokens": len(self.token_ids),
+            "num_rounds": s.num_rounds,
+            "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_tokens": s.num_accepted_tokens,
+            "mean_accepted_per_round": round(s.mean_accepted_per_round, 4),
+            "acceptance_rate": round(s.acceptance_rate, 4),
+            "tokens_per_s": round(s.tokens_per_s, 3),
+            "time_to_first_token_s": round(s.time_to_first_token_s, 4),
+            "total_time_s": round(s.total_time_s, 4),
+            "tree": self.tree,
+        }

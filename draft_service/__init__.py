@@ -1,0 +1,1 @@
+"""The draft service: the small model proposes token trees."""

@@ -1,0 +1,107 @@
+"""The draft engine: draft model + paged KV; proposes token trees for a batch of sequences.
+
+One draft forward per tree depth for the whole batch. No gRPC here: items in, results or the
+item's `specmesh.wire` exception out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from draft_service.tree_builder import TreeGrower
+from kernels.loader import LoadedModel
+from kernels.runner import ForwardItem, ModelRunner
+from kernels.sampling import SamplingConfig
+from kernels.seeding import round_generator
+from kernels.sequences import SequenceStore
+from kernels.tree import compile_tree
+from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
+from specmesh.wire.tree_spec import TreeSpec
+
+
+@dataclass(frozen=True)
+class ProposeItem:
+    seq_id: str
+    num_cached_tokens: int
+    new_tokens: list[int]
+    spec: TreeSpec
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int | None = None
+
+    @property
+    def cost(self) -> int:
+        return len(self.new_tokens) + self.spec.max_nodes
+
+
+@dataclass(frozen=True)
+class ProposeResult:
+    tokens: list[int]
+    parents: list[int]
+    draft_dists: list[tuple[np.ndarray, np.ndarray] | None]  # sampling only; see proto
+    num_cached_tokens: int
+
+
+class DraftEngine:
+    def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 256, block_size: int = 16,
+                 idle_evict_s: float = 60.0):
+        self.loaded = loaded
+        self.sequences = SequenceStore.for_model(loaded, kv_cache_mb, block_size, idle_evict_s)
+        self.kv = self.sequences.kv
+        self.runner = ModelRunner(loaded, self.kv)
+
+    def release(self, seq_ids: list[str]) -> int:
+        return self.sequences.release(seq_ids)
+
+    def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
+        results: list[ProposeResult | Exception | None] = [None] * len(items)
+        ready: list[tuple[int, ForwardItem, TreeGrower]] = []
+        keep = {it.seq_id for it in items}
+        for i, item in enumerate(items):
+            try:
+                fwd = self._prepare(item, keep)
+                gen = None if item.sampling.greedy else round_generator(
+                    item.seed, item.num_cached_tokens + len(fwd.new_tokens), "draft")
+                ready.append((i, fwd, TreeGrower(item.spec, item.sampling, gen)))
+            except Exception as exc:  # noqa: BLE001 - confined to this item
+                results[i] = as_wire_error(exc)
+        if ready:
+            outs = self.runner.forward([fwd for _, fwd, _ in ready])
+            for (_, fwd, grower), out in zip(ready, outs):
+                self.sequences.commit(fwd.seq_id, fwd.new_tokens)
+                if grower.spec.enabled:
+                    grower.grow_root(out.logits[0])
+            self._grow(ready)
+        for i, fwd, grower in ready:
+            self.kv.truncate(fwd.seq_id, self.kv.num_tokens(fwd.seq_id))  # drop tree KV
+            results[i] = ProposeResult(grower.tokens, grower.parents, grower.sparse_dists(),
+                                       self.kv.num_tokens(fwd.seq_id))
+        return results  # type: ignore[return-value]
+
+    def _grow(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:
+        """One batched forward per depth over every tree still growing."""
+        while True:
+            growing = [(fwd, g) for _, fwd, g in ready if g.needs_forward]
+            if not growing:
+                return
+            outs = self.runner.forward([
+                ForwardItem(fwd.seq_id, [], compile_tree(g.tokens, g.parents), list(g.frontier))
+                for fwd, g in growing])
+            for (_, g), out in zip(growing, outs):
+                g.grow(out.logits)
+
+    def _prepare(self, item: ProposeItem, keep: set[str]) -> ForwardItem:
+        item.sampling.validate()
+        step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
+        total = step.num_cached + len(step.new_tokens) + item.spec.max_nodes
+        if item.spec.enabled and total > self.sequences.max_context:
+            raise InvalidRequest("tree_spec", f"{item.spec} would run past the context length")
+        fwd = ForwardItem(item.seq_id, step.new_tokens)
+        need = step.num_cached + len(step.new_tokens) + item.spec.max_nodes
+        no_room = self.sequences.reserve(item.seq_id, need, keep)
+        if no_room is not None:
+            raise CapacityExhausted(f"draft KV cache full: {no_room.needed} blocks needed, "
+                                    f"{no_room.free} free")
+        return fwd
+

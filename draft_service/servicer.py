@@ -1,0 +1,51 @@
+"""DraftService servicer: proto <-> engine types only; engine work is batched on one thread."""
+
+from __future__ import annotations
+
+from draft_service.engine import DraftEngine, ProposeItem
+from kernels.sampling import SamplingConfig
+from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from specmesh.wire.codec import encode_sparse, model_info
+from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
+
+
+def to_item(req: draft_pb2.ProposeRequest) -> ProposeItem:
+    temperature, top_p, top_k, seed = sampling_from_proto(req.sampling)
+    return ProposeItem(
+        seq_id=req.header.sequence_id,
+        num_cached_tokens=req.header.num_cached_tokens,
+        new_tokens=list(req.header.new_tokens),
+        spec=TreeSpec.from_proto(req.tree_spec),
+        sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k),
+        seed=seed,
+    )
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, engine: DraftEngine, worker: EngineWorker):
+        self.engine = engine
+        self.worker = worker
+
+    async def Propose(self, request, context):
+        item = to_item(request)
+        if request.finished_sequence_ids:
+            await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        result = await self.worker.submit(item)
+        empty = common_pb2.SparseDistribution()
+        return draft_pb2.ProposeResponse(
+            tree=common_pb2.TokenTree(tokens=result.tokens, parents=result.parents),
+            draft_dists=[encode_sparse(*d) if d is not None else empty
+                         for d in result.draft_dists],
+            num_cached_tokens=result.num_cached_tokens,
+        )
+
+    async def Release(self, request, context):
+        n = await self.worker.call(self.engine.release, list(request.sequence_ids))
+        return draft_pb2.ReleaseResponse(num_released=n)
+
+    async def GetModelInfo(self, request, context):
+        return model_info(self.engine.loaded)
+
+    async def close(self) -> None:
+        await self.worker.stop()

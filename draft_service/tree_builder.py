@@ -1,0 +1,123 @@
+"""Grow one sequence's draft tree depth by depth from the draft model's distributions.
+
+One `TreeGrower` per sequence; the engine batches the forwards of all growers per depth.
+Children of a node are its top-k tokens under greedy decoding, or k draws without replacement
+from the (fp16-quantised) draft distribution under sampling; the verifier's rejection sampler
+relies on exactly that. How many children each node gets is decided before they are drawn
+(from the parent's path and distribution only), so the tree shape never biases sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kernels.sampling import SamplingConfig, sample_without_replacement, warp_logits_to_probs
+from specmesh.wire.tree_spec import TreeSpec
+
+
+def draft_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """[N, vocab] logits -> [N, vocab] probabilities the children are chosen from.
+
+    Under sampling the probabilities are rounded to fp16 and renormalised, exactly as the
+    verifier will decode them from the wire.
+    """
+    if sampling.greedy:
+        return torch.softmax(logits.float(), dim=-1)
+    q16 = warp_logits_to_probs(logits, sampling).half().float()  # [N, vocab]
+    return q16 / q16.sum(-1, keepdim=True)
+
+
+@dataclass
+class TreeGrower:
+    spec: TreeSpec
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    logcum: list[float] = field(default_factory=list)  # log cumulative draft probability
+    dists: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # row -> sparse
+    frontier: list[int] = field(default_factory=list)  # nodes whose children come next
+    depth: int = 0  # depth of the nodes in `frontier`
+
+    @property
+    def width(self) -> int:
+        """Most new nodes per depth of a dynamic tree."""
+        return max(1, math.ceil(self.spec.node_budget / max(1, self.spec.depth)))
+
+    @property
+    def needs_forward(self) -> bool:
+        return bool(self.frontier) and self.depth + 1 < self.spec.depth and self._room() > 0
+
+    def _room(self) -> int:
+        return self.spec.max_nodes - len(self.tokens)
+
+    def grow_root(self, logits: torch.Tensor) -> None:
+        """logits [vocab] after the last committed token: choose the depth-0 nodes."""
+        self.frontier = self._expand([-1], logits[None])
+        self.depth = 0
+
+    def grow(self, logits: torch.Tensor) -> None:
+        """logits [len(frontier), vocab]: choose the next depth's nodes."""
+        self.frontier = self._expand(self.frontier, logits)
+        self.depth += 1
+
+    def _expand(self, parents: list[int], logits: torch.Tensor) -> list[int]:
+        q = draft_distribution(logits, self.sampling)  # [P, vocab]
+        counts = self._counts(parents, q)
+        new_nodes = []
+        for row, (parent, k) in enumerate(zip(parents, counts)):
+            if k == 0:
+                continue
+            if self.sampling.greedy:
+                children = torch.topk(q[row], k).indices
+            else:
+                children = sample_without_replacement(q[row], k, self.generator)
+                support = torch.nonzero(q[row] > 0).squeeze(-1)
+                self.dists[parent + 1] = (support.numpy().astype(np.int32),
+                                          q[row, support].half().numpy())
+            base = 0.0 if parent < 0 else self.logcum[parent]
+            for tok in children.tolist():
+                new_nodes.append(len(self.tokens))
+                self.tokens.append(int(tok))
+                self.parents.append(parent)
+                self.logcum.append(base + math.log(max(float(q[row, tok]), 1e-30)))
+        return new_nodes
+
+    def _counts(self, parents: list[int], q: torch.Tensor) -> list[int]:
+        """Children per parent, decided from the parents' paths and distributions only."""
+        room = self._room()
+        depth = 0 if parents == [-1] else self.depth + 1
+        if self.spec.kind == "chain":
+            return [min(1, room)] * len(parents)
+        if self.spec.kind == "static":
+            want = self.spec.branching[depth]
+            counts = []
+            for _ in parents:
+                counts.append(max(0, min(want, room)))
+                room -= counts[-1]
+            return counts
+        return self._dynamic_counts(parents, q, min(room, self.width))
+
+    def _dynamic_counts(self, parents: list[int], q: torch.Tensor, budget: int) -> list[int]:
+        """Best `budget` (parent, rank) pairs by parent logcum + log of the rank-th probability."""
+        k = min(budget, q.shape[-1])
+        top = torch.topk(q, k, dim=-1).values.clamp_min(1e-30).log()  # [P, k]
+        base = torch.tensor([0.0 if p < 0 else self.logcum[p] for p in parents])  # [P]
+        scores = (base[:, None] + top).flatten()  # [P * k]
+        support = (q > 0).sum(-1)  # [P], sampling cannot draw more than the support
+        counts = [0] * len(parents)
+        for flat in torch.argsort(scores, descending=True)[:budget].tolist():
+            row = flat // k
+            if counts[row] < int(support[row]):
+                counts[row] += 1
+        return counts
+
+    def sparse_dists(self) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Per row (0 = root, i + 1 = node i) the sparse distribution its children came from."""
+        if self.sampling.greedy:
+            return []
+        return [self.dists.get(r) for r in range(len(self.tokens) + 1)]

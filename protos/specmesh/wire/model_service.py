@@ -1,0 +1,63 @@
+"""Start-up shared by the draft and verify services: serve health first, load, then SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from specmesh.wire.server import Server, build_server, serve_until_signal
+from specmesh.wire.service_config import ModelServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+async def run_model_service(
+    config: ModelServiceConfig,
+    service_name: str,
+    add_to_server: Callable,
+    make_servicer: Callable[[], Awaitable[object]],
+    servicer_holder: "ServicerProxy",
+    on_started: Callable[[Server], None] | None = None,
+) -> None:
+    """Bind (health NOT_SERVING), build the servicer (loads the model), report SERVING, run
+    until SIGINT/SIGTERM, stop gracefully."""
+    server = await build_server([(add_to_server, servicer_holder)], [service_name],
+                                port=config.port, host=config.host)
+    await server.start()
+    print(f"{service_name} listening on {config.host}:{server.port}", flush=True)
+    servicer_holder.target = await make_servicer()
+    await server.set_serving(True)
+    if on_started:
+        on_started(server)
+    await serve_until_signal(server, ready_line=f"SERVING {config.host}:{server.port}")
+    closer = getattr(servicer_holder.target, "close", None)
+    if closer is not None:
+        await closer()
+
+
+class ServicerProxy:
+    """Registered with the server before the model is loaded; forwards to the real servicer.
+
+    Until the target exists every method answers UNAVAILABLE (health says NOT_SERVING)."""
+
+    def __init__(self):
+        self.target = None
+
+    def __getattr__(self, name):
+        async def call(request, context):
+            if self.target is None:
+                import grpc
+
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+            return await getattr(self.target, name)(request, context)
+
+        return call
+
+
+def run(coro: Awaitable) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass

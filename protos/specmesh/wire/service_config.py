@@ -1,0 +1,65 @@
+"""ModelServiceConfig: every knob of a model service (draft or verify), built once from CLI args."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelServiceConfig:
+    model: str
+    """HF model folder."""
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (printed on start)."""
+    device: str = "cpu"
+    """torch device ('cpu', 'cuda', 'cuda:1')."""
+    dtype: str = "float32"
+    """Weights and KV dtype: float32, float16 or bfloat16."""
+    kv_cache_mb: float = 1024.0
+    """Memory cap of the paged KV cache, MiB."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_batch_tokens: int = 2048
+    """Most tokens one batched forward may carry."""
+    max_wait_ms: float = 2.0
+    """How long the batcher waits for more callers after the first item arrives."""
+    idle_evict_s: float = 60.0
+    """Sequences idle this long may be evicted when the KV cache is full."""
+    metrics_port: int | None = None
+    """Prometheus /metrics port; None = no metrics server."""
+    cache_addr: str | None = None
+    """host:port of the cache service for prefix KV; None = no prefix cache."""
+
+    def __post_init__(self):
+        if self.kv_cache_mb <= 0:
+            raise ValueError("kv_cache_mb must be positive")
+        if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_wait_ms < 0:
+            raise ValueError("block_size and max_batch_tokens must be positive, max_wait_ms >= 0")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r} not in float32/float16/bfloat16")
+
+
+def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) -> None:
+    """The flags shared by the draft and verify services."""
+    parser.add_argument("--model", required=True, help="HF model folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-mb", type=float, default=kv_cache_mb)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--idle-evict-s", type=float, default=60.0)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--cache-addr", default=None, help="cache service host:port")
+
+
+def parse_service_args(prog: str, kv_cache_mb: float,
+                       argv: list[str] | None = None) -> ModelServiceConfig:
+    parser = argparse.ArgumentParser(prog=prog)
+    add_model_service_args(parser, kv_cache_mb=kv_cache_mb)
+    return ModelServiceConfig(**vars(parser.parse_args(argv)))

@@ -1,0 +1,1 @@
+"""The verify service: the target model checks draft trees in one forward pass."""

@@ -1,0 +1,40 @@
+"""python -m verify_service --model DIR [--port P] ... (also `specmesh serve verify`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from kernels import load_model
+from specmesh.v1 import verify_pb2, verify_pb2_grpc
+from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.model_service import ServicerProxy, run, run_model_service
+from specmesh.wire.service_config import ModelServiceConfig, parse_service_args
+from verify_service.engine import VerifyEngine
+from verify_service.servicer import VerifyServicer
+
+SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
+
+
+async def build_servicer(config: ModelServiceConfig) -> VerifyServicer:
+    """Load the target model (off the event loop) and wrap it in a batched servicer."""
+    loaded = await asyncio.to_thread(load_model, config.model, getattr(torch, config.dtype),
+                                     config.device)
+    engine = VerifyEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
+    worker = EngineWorker(engine.verify_batch, lambda item: item.cost,
+                          config.max_batch_tokens, config.max_wait_ms)
+    return VerifyServicer(engine, worker)
+
+
+async def serve(config: ModelServiceConfig) -> None:
+    await run_model_service(config, SERVICE_NAME, verify_pb2_grpc.add_VerifyServiceServicer_to_server,
+                            lambda: build_servicer(config), ServicerProxy())
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(serve(parse_service_args("specmesh serve verify", 1024.0, argv)))
+
+
+if __name__ == "__main__":
+    main()

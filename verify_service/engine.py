@@ -1,0 +1,162 @@
+"""The verify engine: target model + paged KV; verifies draft trees for a batch of sequences.
+
+No gRPC here: requests arrive as `VerifyItem`s, results leave as `VerifyResult`s or as the
+`specmesh.wire` exception of the item that failed (other items of the batch are unaffected).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kernels.loader import LoadedModel
+from kernels.runner import ForwardItem, ModelRunner
+from kernels.sampling import (Acceptance, SamplingConfig, greedy_accept, tree_rejection_sample,
+                              warp_logits_to_probs)
+from kernels.seeding import round_generator
+from kernels.sequences import SequenceStore
+from kernels.tree import TreeBuffers, compile_tree
+from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    seq_id: str
+    num_cached_tokens: int
+    new_tokens: list[int]
+    tree_tokens: list[int] = field(default_factory=list)
+    tree_parents: list[int] = field(default_factory=list)
+    # Sampling only, one per tree node + 1 (row 0 = root): (token_ids [s], probs_f16 [s]) or None
+    draft_dists: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int | None = None
+    return_logprobs: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Tokens this item adds to a batched forward."""
+        return len(self.new_tokens) + len(self.tree_tokens) + 1
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    tokens: list[int]  # accepted draft tokens, then one recovered or bonus token
+    num_accepted_draft_tokens: int
+    logprobs: list[float]
+    num_cached_tokens: int
+
+
+@dataclass
+class _Prepared:
+    item: VerifyItem
+    new_tokens: list[int]
+    tree: TreeBuffers | None
+
+
+class VerifyEngine:
+    """Owns the target model, its KV cache and the per-sequence token lists."""
+
+    def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 1024, block_size: int = 16,
+                 idle_evict_s: float = 60.0):
+        self.loaded = loaded
+        self.sequences = SequenceStore.for_model(loaded, kv_cache_mb, block_size, idle_evict_s)
+        self.kv = self.sequences.kv
+        self.runner = ModelRunner(loaded, self.kv)
+
+    def release(self, seq_ids: list[str]) -> int:
+        return self.sequences.release(seq_ids)
+
+    # -- one batch -------------------------------------------------------------------------
+    def verify_batch(self, items: list[VerifyItem]) -> list[VerifyResult | Exception]:
+        """Verify every item in one target forward; each failure is confined to its item."""
+        results: list[VerifyResult | Exception | None] = [None] * len(items)
+        ready: list[tuple[int, _Prepared]] = []
+        batch_ids = {it.seq_id for it in items}
+        for i, item in enumerate(items):
+            try:
+                prep = self._prepare(item)
+                self._reserve(prep, batch_ids)
+                ready.append((i, prep))
+            except Exception as exc:  # noqa: BLE001 - confined to this item
+                results[i] = as_wire_error(exc)
+        if ready:
+            outs = self.runner.forward([
+                ForwardItem(p.item.seq_id, p.new_tokens, p.tree) for _, p in ready])
+            for (i, prep), out in zip(ready, outs):
+                results[i] = self._accept(prep, out.logits)
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, item: VerifyItem) -> _Prepared:
+        item.sampling.validate()
+        step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
+        tree = None
+        if item.tree_tokens or item.tree_parents:
+            self.sequences.check_tokens(item.tree_tokens, "tree.tokens")
+            try:
+                tree = compile_tree(item.tree_tokens, item.tree_parents)
+            except ValueError as exc:
+                raise InvalidRequest("tree.parents", str(exc)) from exc
+            if not item.sampling.greedy and len(item.draft_dists) != tree.num_nodes + 1:
+                raise InvalidRequest("draft_dists", f"sampling needs {tree.num_nodes + 1} "
+                                     f"distributions (root + one per node), got "
+                                     f"{len(item.draft_dists)}")
+        depth = 0 if tree is None else int(tree.depths.max()) + 1
+        if step.num_cached + len(step.new_tokens) + depth + 1 > self.sequences.max_context:
+            raise InvalidRequest("tree.tokens", "the tree would run past the context length")
+        return _Prepared(item, step.new_tokens, tree)
+
+    def _reserve(self, prep: _Prepared, keep: set[str]) -> None:
+        num_tree = prep.tree.num_nodes if prep.tree is not None else 0
+        need = self.kv.num_tokens(prep.item.seq_id) + len(prep.new_tokens) + num_tree
+        no_room = self.sequences.reserve(prep.item.seq_id, need, keep)
+        if no_room is not None:
+            raise CapacityExhausted(f"KV cache full: {no_room.needed} blocks needed, "
+                                    f"{no_room.free} free")
+
+    def _accept(self, prep: _Prepared, logits: torch.Tensor) -> VerifyResult:
+        """logits [1 + n, vocab]: row 0 after the last causal token, row i + 1 after node i."""
+        item, tree = prep.item, prep.tree
+        tree = tree if tree is not None else compile_tree([], [])
+        if item.sampling.greedy:
+            acc = greedy_accept(tree, logits.argmax(-1))
+            probs = torch.log_softmax(logits, -1) if item.return_logprobs else None
+        else:
+            probs = warp_logits_to_probs(logits, item.sampling)  # [1 + n, vocab]
+            draft = _dense_draft(item.draft_dists, tree.num_nodes + 1, logits.shape[-1])
+            gen = round_generator(item.seed, self.kv.num_tokens(item.seq_id), "verify")
+            acc = tree_rejection_sample(tree, probs, draft, gen)
+            probs = probs.clamp_min(1e-30).log() if item.return_logprobs else None
+        self.runner.commit_tree_path(item.seq_id, acc.accepted_nodes)
+        accepted = [int(tree.tokens[n]) for n in acc.accepted_nodes]
+        self.sequences.commit(item.seq_id, prep.new_tokens + accepted)
+        tokens = accepted + [acc.next_token]
+        logprobs = _path_logprobs(probs, acc, tokens) if probs is not None else []
+        return VerifyResult(tokens, len(accepted), logprobs, self.kv.num_tokens(item.seq_id))
+
+
+def _path_logprobs(logp: torch.Tensor, acc: Acceptance, tokens: list[int]) -> list[float]:
+    """Target log-probability of each returned token, read at its parent's row."""
+    rows = [0] + [n + 1 for n in acc.accepted_nodes]
+    return [float(logp[r, t]) for r, t in zip(rows, tokens)]
+
+
+def _dense_draft(dists, num_rows: int, vocab: int) -> torch.Tensor:
+    """Sparse fp16 draft distributions -> [num_rows, vocab] float32, each row renormalised."""
+    out = torch.zeros(num_rows, vocab, dtype=torch.float32)
+    for r, d in enumerate(dists):
+        if d is None or len(d[0]) == 0:
+            continue
+        ids = torch.from_numpy(np.asarray(d[0], dtype=np.int64))
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InvalidRequest(f"draft_dists[{r}].token_ids", f"outside [0, {vocab})")
+        p = torch.from_numpy(np.asarray(d[1], dtype=np.float16).astype(np.float32))
+        if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+            raise InvalidRequest(f"draft_dists[{r}].probs_f16", "not a distribution")
+        out[r, ids] = p / p.sum()
+    return out
+

@@ -1,0 +1,71 @@
+"""VerifyService servicer: proto <-> engine types only; engine work is batched on one thread."""
+
+from __future__ import annotations
+
+from kernels.sampling import SamplingConfig
+from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from specmesh.wire.codec import decode_sparse, model_info
+from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.errors import InvalidRequest
+from specmesh.wire.tree_spec import sampling_from_proto
+from verify_service.engine import VerifyEngine, VerifyItem
+
+
+def sampling_config(msg: common_pb2.SamplingParams) -> tuple[SamplingConfig, int | None]:
+    temperature, top_p, top_k, seed = sampling_from_proto(msg)
+    return SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k), seed
+
+
+def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
+    """Decode and check the fields a proto can get wrong; the engine checks the rest."""
+    sampling, seed = sampling_config(req.sampling)
+    if len(req.tree.tokens) != len(req.tree.parents):
+        raise InvalidRequest("tree.parents", f"{len(req.tree.parents)} parents for "
+                             f"{len(req.tree.tokens)} tokens")
+    dists = []
+    for i, d in enumerate(req.draft_dists):
+        try:
+            sparse = decode_sparse(d)
+        except ValueError as exc:
+            raise InvalidRequest(f"draft_dists[{i}].probs_f16", str(exc)) from exc
+        dists.append((sparse.token_ids, sparse.probs) if len(sparse.token_ids) else None)
+    return VerifyItem(
+        seq_id=req.header.sequence_id,
+        num_cached_tokens=req.header.num_cached_tokens,
+        new_tokens=list(req.header.new_tokens),
+        tree_tokens=list(req.tree.tokens),
+        tree_parents=list(req.tree.parents),
+        draft_dists=dists,
+        sampling=sampling,
+        seed=seed,
+        return_logprobs=req.return_logprobs,
+    )
+
+
+class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
+    def __init__(self, engine: VerifyEngine, worker: EngineWorker):
+        self.engine = engine
+        self.worker = worker
+
+    async def Verify(self, request, context):
+        item = to_item(request)
+        if request.finished_sequence_ids:
+            await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        result = await self.worker.submit(item)
+        return verify_pb2.VerifyResponse(
+            tokens=result.tokens,
+            num_accepted_draft_tokens=result.num_accepted_draft_tokens,
+            logprobs=result.logprobs,
+            num_cached_tokens=result.num_cached_tokens,
+        )
+
+    async def Release(self, request, context):
+        n = await self.worker.call(self.engine.release, list(request.sequence_ids))
+        return verify_pb2.VerifyReleaseResponse(num_released=n)
+
+    async def GetModelInfo(self, request, context):
+        return model_info(self.engine.loaded)
+
+    async def close(self) -> None:
+        await self.worker.stop()
+
