@@ -1,0 +1,43 @@
+"""`specmesh generate` end to end: it starts its own local stack, prints JSON, stops the stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import TINY_DRAFT, TINY_TARGET
+
+pytestmark = pytest.mark.models
+KEYS = {"text", "token_ids", "num_rounds", "num_draft_tokens", "num_accepted_tokens",
+        "tokens_per_s", "mean_accepted_per_round", "tree"}
+
+
+def run_cli(models, *args):
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
+    out = subprocess.run(["specmesh", "generate", "Once upon a time", "--json",
+                          "--target", str(models / TINY_TARGET), "--draft",
+                          str(models / TINY_DRAFT), *args],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_generate_json_spec_and_no_spec_agree(models):
+    spec = run_cli(models, "--max-new-tokens", "32", "--k", "4")
+    plain = run_cli(models, "--max-new-tokens", "32", "--no-spec")
+    assert KEYS <= spec.keys()
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["text"].startswith(", there was a little girl named Lily")
+    assert spec["num_accepted_tokens"] > 0 and plain["num_draft_tokens"] == 0
+    assert spec["tree"] == "chain:4"
+
+
+def test_missing_models_give_a_clear_error(tmp_path):
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(tmp_path))
+    out = subprocess.run(["specmesh", "generate", "hi", "--json"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert "SPECMESH_MODEL_DIR" in out.stderr and "not found" in out.stderr

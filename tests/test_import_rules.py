@@ -1,0 +1,61 @@
+"""DESIGN.md §1 import rules, checked by parsing every module's imports."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OURS = {"specmesh", "kernels", "draft_service", "verify_service", "cache_service", "clients",
+        "loadtest"}
+SERVICES = {"draft_service", "verify_service", "cache_service"}
+
+
+def package_files(pkg: str) -> list[pathlib.Path]:
+    root = REPO / "protos" / "specmesh" if pkg == "specmesh" else REPO / pkg
+    return [p for p in root.rglob("*.py")]
+
+
+def imported_tops(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    tops = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops.add(node.module.split(".")[0])
+    return tops
+
+
+def forbidden_for(pkg: str, path: pathlib.Path) -> set[str]:
+    if pkg == "specmesh":
+        return OURS - {"specmesh"} | {"torch"}
+    if pkg == "kernels":
+        return {"grpc", "grpc_health", "grpc_reflection", "specmesh"} | (OURS - {"kernels"})
+    if pkg == "clients":
+        return {"torch", "kernels"} | SERVICES
+    if pkg == "cache_service":
+        return {"torch", "kernels"} | (SERVICES - {pkg})
+    if pkg in SERVICES:
+        banned = SERVICES - {pkg}
+        if path.name == "engine.py":
+            banned |= {"grpc"}
+        return banned
+    return set()
+
+
+@pytest.mark.parametrize("pkg", sorted(OURS))
+def test_import_rules(pkg):
+    bad = []
+    for path in package_files(pkg):
+        found = imported_tops(path) & forbidden_for(pkg, path)
+        if found:
+            bad.append(f"{path.relative_to(REPO)} imports {sorted(found)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_package_checked_has_files():
+    for pkg in ("specmesh", "kernels", "draft_service", "verify_service", "clients"):
+        assert package_files(pkg), pkg
