@@ -25,6 +25,7 @@ class EngineWorker:
         self._on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._last_batch_size = 0
 
     async def call(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -47,7 +48,10 @@ class EngineWorker:
             first = carry or await self._queue.get()
             carry = None
             batch, tokens = [first], self._cost(first[0])
-            deadline = loop.time() + self._max_wait_s
+            # Wait for company only when callers have been arriving together; a lone caller
+            # runs at once (items queued during a forward are picked up by the next one).
+            wait = self._max_wait_s if self._last_batch_size > 1 else 0.0
+            deadline = loop.time() + wait
             while tokens < self._max_batch_tokens:
                 try:
                     nxt = self._queue.get_nowait() if loop.time() >= deadline else \
@@ -62,6 +66,7 @@ class EngineWorker:
             live = [(item, fut) for item, fut in batch if not fut.done()]
             if not live:
                 continue
+            self._last_batch_size = len(live)
             start = loop.time()
             try:
                 results = await self.call(self._run_batch, [item for item, _ in live])
