@@ -1,0 +1,64 @@
+"""CacheServiceConfig: every knob of the cache service, built once from CLI args."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class CacheServiceConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis to store in (redis:// or rediss://, optional /db). Eviction is Redis's own:
+    run it with `--maxmemory <size> --maxmemory-policy allkeys-lru`."""
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (printed on start)."""
+    chunk_ttl_s: int = 3600
+    """Lifetime of a prefix-KV chunk, seconds; 0 = no TTL (LRU eviction only)."""
+    result_ttl_s: int = 3600
+    """Lifetime of a result-cache entry, seconds; 0 = no TTL (LRU eviction only)."""
+    max_result_bytes: int = 1 << 20
+    """Results whose stored value is bigger than this are not cached."""
+    max_chunk_bytes: int = 64 << 20
+    """KV chunks bigger than this are not cached (and not buffered while they stream in)."""
+    piece_bytes: int = 1 << 20
+    """GetChunks streams each chunk in pieces of at most this many bytes."""
+    redis_timeout_s: float = 0.5
+    """Socket (connect and read) timeout of every Redis call; a slow Redis is a miss."""
+    retry_after_s: float = 1.0
+    """After a Redis connection failure or timeout, answer misses without trying Redis for this
+    long, so a dead Redis costs no latency."""
+    metrics_port: int | None = None
+    """Prometheus /metrics port; None = no metrics server."""
+
+    def __post_init__(self):
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, "
+                             "rediss:// or unix://")
+        if self.chunk_ttl_s < 0 or self.result_ttl_s < 0:
+            raise ValueError("chunk_ttl_s and result_ttl_s must be >= 0")
+        if min(self.max_result_bytes, self.max_chunk_bytes, self.piece_bytes) <= 0:
+            raise ValueError("max_result_bytes, max_chunk_bytes and piece_bytes must be positive")
+        if self.piece_bytes > 32 << 20:
+            raise ValueError("piece_bytes must be <= 32 MiB (under the gRPC message limit)")
+        if self.redis_timeout_s <= 0 or self.retry_after_s < 0:
+            raise ValueError("redis_timeout_s must be positive, retry_after_s >= 0")
+
+
+def build_parser(prog: str = "specmesh serve cache") -> argparse.ArgumentParser:
+    """One flag per config field (--redis-url, --chunk-ttl-s, ...), defaults from the dataclass."""
+    parser = argparse.ArgumentParser(prog=prog, description="Redis-backed prefix-KV and result "
+                                     "cache service (gRPC specmesh.v1.CacheService).")
+    defaults = CacheServiceConfig()
+    for f in fields(CacheServiceConfig):
+        default = getattr(defaults, f.name)
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type), int)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+                            help=f"(default: {default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> CacheServiceConfig:
+    return CacheServiceConfig(**vars(build_parser().parse_args(argv)))

@@ -1,0 +1,81 @@
+"""Redis storage layout over redis.asyncio: where chunks and results live, with TTLs.
+
+    specmesh:v1:kvdata:<key>  chunk payload (codec.encode_chunk bytes)
+    specmesh:v1:kv:<key>      chunk marker (payload size); written only after the payload, so a
+                              reader that sees a marker never sees half an entry
+    specmesh:v1:res:<key>     result value (codec.encode_result bytes)
+
+Errors propagate (redis.RedisError, OSError, asyncio.TimeoutError); the engine turns them into
+misses. Eviction is Redis's own (`maxmemory` + `allkeys-lru`); an evicted payload whose marker
+survived reads as a missing chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+NAMESPACE = "specmesh:v1"
+
+
+def marker_key(key: str) -> str:
+    return f"{NAMESPACE}:kv:{key}"
+
+
+def payload_key(key: str) -> str:
+    return f"{NAMESPACE}:kvdata:{key}"
+
+
+def result_store_key(key: str) -> str:
+    return f"{NAMESPACE}:res:{key}"
+
+
+class RedisStore:
+    """Chunk and result storage on one Redis (a redis.asyncio client, usually from a URL)."""
+
+    def __init__(self, client: aioredis.Redis):
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float) -> RedisStore:
+        """Short socket timeouts and one immediate retry (a fresh connection after a restart)."""
+        client = aioredis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1), decode_responses=False)
+        return cls(client)
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    async def has_chunks(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each chunk's marker exists (one round trip)."""
+        if not keys:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(marker_key(key))
+            return [bool(n) for n in await pipe.execute()]
+
+    async def get_chunks(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The payload of each key, in order (None where missing); one round trip."""
+        if not keys:
+            return []
+        return await self.client.mget([payload_key(k) for k in keys])
+
+    async def put_chunk(self, key: str, payload: bytes, ttl_s: int) -> None:
+        """Write the payload, then (only if that succeeded) its marker."""
+        ex = ttl_s or None
+        await self.client.set(payload_key(key), payload, ex=ex)
+        await self.client.set(marker_key(key), len(payload), ex=ex)
+
+    async def get_result(self, key: str) -> bytes | None:
+        return await self.client.get(result_store_key(key))
+
+    async def put_result(self, key: str, value: bytes, ttl_s: int) -> None:
+        await self.client.set(result_store_key(key), value, ex=ttl_s or None)
+
+    async def close(self) -> None:
+        await self.client.aclose()
