@@ -36,10 +36,10 @@ def forbidden_for(pkg: str, path: pathlib.Path) -> set[str]:
         return {"grpc", "grpc_health", "grpc_reflection", "specmesh"} | (OURS - {"kernels"})
     if pkg == "clients":
         return {"torch", "kernels"} | SERVICES
-    if pkg == "cache_service":
-        return {"torch", "kernels"} | (SERVICES - {pkg})
     if pkg in SERVICES:
         banned = SERVICES - {pkg}
+        if pkg == "cache_service":
+            banned |= {"torch", "kernels"}
         if path.name == "engine.py":
             banned |= {"grpc"}
         return banned
