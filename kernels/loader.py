@@ -52,8 +52,9 @@ def _fingerprint(files: list[pathlib.Path], cfg: ModelConfig, dtype: torch.dtype
 
 
 def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load `path` (an HF model folder) as `dtype` on `device`, in eval mode."""
+               device: str | torch.device = "cpu", fuse: bool = True) -> LoadedModel:
+    """Load `path` (an HF model folder) as `dtype` on `device`, in eval mode; `fuse` merges
+    q/k/v and gate/up projections (frees the separate copies)."""
     path = pathlib.Path(path)
     cfg = ModelConfig.from_hf(path)
     files = _weight_files(path)
@@ -71,5 +72,7 @@ def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
     if missing or unexpected:
         raise ValueError(f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
+    if fuse:
+        model.fuse()
     return LoadedModel(model, cfg, path, dtype, torch.device(device),
                        _fingerprint(files, cfg, dtype))
