@@ -12,6 +12,7 @@ import numpy as np
 
 from draft_service.tree_builder import TreeGrower
 from kernels.loader import LoadedModel
+from kernels.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem, ModelRunner
 from kernels.sampling import SamplingConfig
 from kernels.seeding import round_generator
@@ -29,10 +30,13 @@ class ProposeItem:
     spec: TreeSpec
     sampling: SamplingConfig = SamplingConfig()
     seed: int | None = None
+    # New sequences only: cached KV of the prompt's first chunks, each [L, 2, chunk, Hkv, D]
+    prefix_chunks: tuple[np.ndarray, ...] = ()
 
     @property
     def cost(self) -> int:
-        return len(self.new_tokens) + self.spec.max_nodes
+        num_prefix = num_prefix_tokens(self.prefix_chunks, len(self.new_tokens))
+        return len(self.new_tokens) - num_prefix + self.spec.max_nodes
 
 
 @dataclass(frozen=True)
@@ -54,15 +58,23 @@ class DraftEngine:
     def release(self, seq_ids: list[str]) -> int:
         return self.sequences.release(seq_ids)
 
+    def export_prefix(self, seq_id: str, token_ids: list[int], chunk_size: int,
+                      start_chunk: int, end_chunk: int) -> list[np.ndarray]:
+        """KV chunks [start_chunk, end_chunk) of a sequence for the prefix cache (see
+        `kernels.prefix_kv.export_prefix`)."""
+        return export_prefix(self.sequences, seq_id, token_ids, chunk_size, start_chunk,
+                             end_chunk)
+
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         results: list[ProposeResult | Exception | None] = [None] * len(items)
         ready: list[tuple[int, ForwardItem, TreeGrower]] = []
         keep = {it.seq_id for it in items}
         for i, item in enumerate(items):
             try:
-                fwd = self._prepare(item, keep)
+                fwd, num_seeded = self._prepare(item, keep)
                 gen = None if item.sampling.greedy else round_generator(
-                    item.seed, item.num_cached_tokens + len(fwd.new_tokens), "draft")
+                    item.seed, item.num_cached_tokens + num_seeded + len(fwd.new_tokens),
+                    "draft")
                 ready.append((i, fwd, TreeGrower(item.spec, item.sampling, gen)))
             except Exception as exc:  # noqa: BLE001 - confined to this item
                 results[i] = as_wire_error(exc)
@@ -91,17 +103,20 @@ class DraftEngine:
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
 
-    def _prepare(self, item: ProposeItem, keep: set[str]) -> ForwardItem:
+    def _prepare(self, item: ProposeItem, keep: set[str]) -> tuple[ForwardItem, int]:
+        """The forward to run and how many positions came from the cached prefix."""
         item.sampling.validate()
         step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
         total = step.num_cached + len(step.new_tokens) + item.spec.max_nodes
         if item.spec.enabled and total > self.sequences.max_context:
             raise InvalidRequest("tree_spec", f"{item.spec} would run past the context length")
+        synced = step.num_cached
+        step = seed_prefix(self.sequences, step, item.prefix_chunks, keep)
         fwd = ForwardItem(item.seq_id, step.new_tokens)
         need = step.num_cached + len(step.new_tokens) + item.spec.max_nodes
         no_room = self.sequences.reserve(item.seq_id, need, keep)
         if no_room is not None:
             raise CapacityExhausted(f"draft KV cache full: {no_room.needed} blocks needed, "
                                     f"{no_room.free} free")
-        return fwd
+        return fwd, step.num_cached - synced
 

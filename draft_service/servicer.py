@@ -7,6 +7,7 @@ from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specmesh.wire.codec import encode_sparse, model_info
 from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.prefix_cache import PrefixCache
 from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
 
 
@@ -23,15 +24,20 @@ def to_item(req: draft_pb2.ProposeRequest) -> ProposeItem:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, engine: DraftEngine, worker: EngineWorker):
+    def __init__(self, engine: DraftEngine, worker: EngineWorker,
+                 prefix: PrefixCache | None = None):
         self.engine = engine
         self.worker = worker
+        self.prefix = prefix  # prefix KV through the cache service; None = off
 
     async def Propose(self, request, context):
         item = to_item(request)
         if request.finished_sequence_ids:
             await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
-        result = await self.worker.submit(item)
+        if self.prefix is None:
+            result = await self.worker.submit(item)
+        else:
+            result = await self.prefix.submit(self.worker.submit, item)
         empty = common_pb2.SparseDistribution()
         return draft_pb2.ProposeResponse(
             tree=common_pb2.TokenTree(tokens=result.tokens, parents=result.parents),
@@ -48,4 +54,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return model_info(self.engine.loaded)
 
     async def close(self) -> None:
+        if self.prefix is not None:
+            await self.prefix.close()
         await self.worker.stop()

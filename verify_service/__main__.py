@@ -10,6 +10,7 @@ from kernels import load_model
 from specmesh.v1 import verify_pb2, verify_pb2_grpc
 from specmesh.wire.engine_worker import EngineWorker
 from specmesh.wire.model_service import ServicerProxy, run, run_model_service
+from specmesh.wire.prefix_cache import make_prefix_cache
 from specmesh.wire.service_config import ModelServiceConfig, parse_service_args
 from verify_service.engine import VerifyEngine
 from verify_service.servicer import VerifyServicer
@@ -24,7 +25,9 @@ async def build_servicer(config: ModelServiceConfig) -> VerifyServicer:
     engine = VerifyEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
     worker = EngineWorker(engine.verify_batch, lambda item: item.cost,
                           config.max_batch_tokens, config.max_wait_ms)
-    return VerifyServicer(engine, worker)
+    prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
+                               lambda *args: worker.call(engine.export_prefix, *args))
+    return VerifyServicer(engine, worker, prefix)
 
 
 async def serve(config: ModelServiceConfig) -> None:

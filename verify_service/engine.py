@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kernels.loader import LoadedModel
+from kernels.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem, ModelRunner
 from kernels.sampling import (Acceptance, SamplingConfig, greedy_accept, tree_rejection_sample,
                               warp_logits_to_probs)
@@ -36,11 +37,14 @@ class VerifyItem:
     sampling: SamplingConfig = SamplingConfig()
     seed: int | None = None
     return_logprobs: bool = False
+    # New sequences only: cached KV of the prompt's first chunks, each [L, 2, chunk, Hkv, D]
+    prefix_chunks: tuple[np.ndarray, ...] = ()
 
     @property
     def cost(self) -> int:
         """Tokens this item adds to a batched forward."""
-        return len(self.new_tokens) + len(self.tree_tokens) + 1
+        num_prefix = num_prefix_tokens(self.prefix_chunks, len(self.new_tokens))
+        return len(self.new_tokens) - num_prefix + len(self.tree_tokens) + 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,13 @@ class VerifyEngine:
     def release(self, seq_ids: list[str]) -> int:
         return self.sequences.release(seq_ids)
 
+    def export_prefix(self, seq_id: str, token_ids: list[int], chunk_size: int,
+                      start_chunk: int, end_chunk: int) -> list[np.ndarray]:
+        """KV chunks [start_chunk, end_chunk) of a sequence for the prefix cache (see
+        `kernels.prefix_kv.export_prefix`)."""
+        return export_prefix(self.sequences, seq_id, token_ids, chunk_size, start_chunk,
+                             end_chunk)
+
     # -- one batch -------------------------------------------------------------------------
     def verify_batch(self, items: list[VerifyItem]) -> list[VerifyResult | Exception]:
         """Verify every item in one target forward; each failure is confined to its item."""
@@ -79,7 +90,7 @@ class VerifyEngine:
         batch_ids = {it.seq_id for it in items}
         for i, item in enumerate(items):
             try:
-                prep = self._prepare(item)
+                prep = self._prepare(item, batch_ids)
                 self._reserve(prep, batch_ids)
                 ready.append((i, prep))
             except Exception as exc:  # noqa: BLE001 - confined to this item
@@ -91,7 +102,7 @@ class VerifyEngine:
                 results[i] = self._accept(prep, out.logits)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, item: VerifyItem) -> _Prepared:
+    def _prepare(self, item: VerifyItem, keep: set[str]) -> _Prepared:
         item.sampling.validate()
         step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
         tree = None
@@ -108,6 +119,7 @@ class VerifyEngine:
         depth = 0 if tree is None else int(tree.depths.max()) + 1
         if step.num_cached + len(step.new_tokens) + depth + 1 > self.sequences.max_context:
             raise InvalidRequest("tree.tokens", "the tree would run past the context length")
+        step = seed_prefix(self.sequences, step, item.prefix_chunks, keep)
         return _Prepared(item, step.new_tokens, tree)
 
     def _reserve(self, prep: _Prepared, keep: set[str]) -> None:

@@ -6,6 +6,7 @@ from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from specmesh.wire.codec import decode_sparse, model_info
 from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.prefix_cache import PrefixCache
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.tree_spec import sampling_from_proto
 from verify_service.engine import VerifyEngine, VerifyItem
@@ -43,15 +44,20 @@ def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, engine: VerifyEngine, worker: EngineWorker):
+    def __init__(self, engine: VerifyEngine, worker: EngineWorker,
+                 prefix: PrefixCache | None = None):
         self.engine = engine
         self.worker = worker
+        self.prefix = prefix  # prefix KV through the cache service; None = off
 
     async def Verify(self, request, context):
         item = to_item(request)
         if request.finished_sequence_ids:
             await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
-        result = await self.worker.submit(item)
+        if self.prefix is None:
+            result = await self.worker.submit(item)
+        else:
+            result = await self.prefix.submit(self.worker.submit, item)
         return verify_pb2.VerifyResponse(
             tokens=result.tokens,
             num_accepted_draft_tokens=result.num_accepted_draft_tokens,
@@ -67,5 +73,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         return model_info(self.engine.loaded)
 
     async def close(self) -> None:
+        if self.prefix is not None:
+            await self.prefix.close()
         await self.worker.stop()
 

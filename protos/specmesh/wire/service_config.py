@@ -32,10 +32,15 @@ class ModelServiceConfig:
     """Prometheus /metrics port; None = no metrics server."""
     cache_addr: str | None = None
     """host:port of the cache service for prefix KV; None = no prefix cache."""
+    prefix_chunk_size: int = 16
+    """Tokens per prefix-KV chunk in the cache (part of every chunk key: the draft and verify
+    services of one deployment should agree, though each model has its own keys anyway)."""
 
     def __post_init__(self):
         if self.kv_cache_mb <= 0:
             raise ValueError("kv_cache_mb must be positive")
+        if self.prefix_chunk_size <= 0:
+            raise ValueError("prefix_chunk_size must be positive")
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_wait_ms < 0:
             raise ValueError("block_size and max_batch_tokens must be positive, max_wait_ms >= 0")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -56,6 +61,8 @@ def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) 
     parser.add_argument("--idle-evict-s", type=float, default=60.0)
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--cache-addr", default=None, help="cache service host:port")
+    parser.add_argument("--prefix-chunk-size", type=int, default=16,
+                        help="tokens per prefix-KV chunk in the cache")
 
 
 def parse_service_args(prog: str, kv_cache_mb: float,

@@ -1,0 +1,66 @@
+"""LocalStack with an embedded cache: redis-server + cache service as subprocesses, wired into
+both model services; without redis-server on PATH it runs without the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import pytest
+
+from clients import local_stack
+from clients.async_client import AsyncSpecMeshClient
+from clients.local_stack import EmbeddedRedis, LocalStack
+from specmesh.wire.cache_client import CacheClient
+from tests.conftest import TINY_DRAFT, TINY_TARGET
+
+PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+          "park. One day")
+
+
+@pytest.mark.redis
+async def test_embedded_redis_starts_and_cleans_up():
+    redis = EmbeddedRedis.from_path()
+    if redis is None:
+        pytest.skip("redis-server not on PATH")
+    await redis.start()
+    tmp = redis._tmp.name
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=1):
+        pass
+    redis.stop()
+    assert redis.proc.poll() is not None
+    assert not os.path.exists(tmp)
+
+
+@pytest.mark.models
+@pytest.mark.redis
+async def test_stack_with_embedded_cache(models):
+    if EmbeddedRedis.from_path() is None:
+        pytest.skip("redis-server not on PATH")
+    async with LocalStack(models / TINY_TARGET, models / TINY_DRAFT, cache=True) as stack:
+        assert stack.cache_addr and stack.redis is not None
+        async with AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr,
+                                       str(models / TINY_TARGET)) as client, \
+                CacheClient(stack.cache_addr, timeout_s=5) as cache:
+            first = await client.generate(PROMPT, 16, ignore_eos=True)
+            for _ in range(100):  # the chunks are stored in the background
+                if (await cache.server_stats()).chunks_written >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            again = await client.generate(PROMPT, 16, ignore_eos=True)
+            stats = await cache.server_stats()
+        assert again.token_ids == first.token_ids
+        assert stats.prefix_hits == 2  # the draft and the verify service
+        redis = stack.redis
+    assert redis.proc.poll() is not None  # stopped with the stack
+
+
+@pytest.mark.models
+async def test_no_redis_server_means_no_cache(models, monkeypatch, caplog):
+    monkeypatch.setattr(local_stack.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="clients.local_stack"):
+        async with LocalStack(models / TINY_TARGET, None, cache=True) as stack:
+            assert stack.cache_addr is None and list(stack.services) == ["verify"]
+    assert "redis-server not found" in caplog.text
