@@ -1,0 +1,1 @@
+"""Load generation and benchmarks: the locust gRPC users and the `specmesh bench` harness."""

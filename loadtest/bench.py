@@ -1,0 +1,163 @@
+"""`specmesh bench`: target-only vs speculative through our stack vs HF transformers, one run.
+
+    python -m loadtest.bench --concurrency 1,4,16 --max-new-tokens 128 --plot bench.png
+
+On the same prompts, greedy, every request exactly --max-new-tokens tokens:
+  1. our stack, target-only (speculation off), at each concurrency;
+  2. our stack, speculative, at each concurrency, for each tree config;
+  3. HF transformers `generate`, target alone and with `assistant_model=` the draft
+     (sequential: HF assisted generation is batch 1 only), after our stack has stopped.
+Prints a table and throughput ratios, and checks that every output equals our target-only output
+for its prompt (exit status 1 on any mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import re
+import sys
+import time
+
+from clients.models import resolve_pair
+from clients.tokenizer import TextCodec
+from loadtest.bench_report import format_report, to_json, write_plot
+from loadtest.bench_results import SPEC, TARGET, check_outputs, compute_ratios
+from loadtest.bench_stack import SpecConfig, run_stack
+from specmesh.wire.tree_spec import TreeSpec
+
+# Short TinyStories-style openings; request i of a level uses prompt i (cycled past the end).
+PROMPTS = [
+    "Once upon a time", "The little dog", "One day, a girl named Lily", "Tom had a big red ball",
+    "The sun was shining and", "In a small house there lived", "The cat wanted to", "Sam and Mia",
+    "There was a tiny bird", "Mom said, \"Let's go to the park", "The boy found a box",
+    "It was a rainy day", "A little fish swam", "The old tree", "Ben liked to play with",
+    "Once there was a happy frog",
+]
+SPEED_OK = 0.95  # issue 4: loaded speculative throughput must stay >= this x target-only
+
+
+def parse_ints(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: need positive integers like 1,4,16")
+    return values
+
+
+def parse_specs(text: str) -> list[SpecConfig]:
+    """'chain:4,static:4,2,2,1,dynamic:16+adaptive' -> configs (bare numbers continue a
+    static tree's branching list; a '+adaptive' suffix sizes the tree each round)."""
+    parts: list[str] = []
+    for piece in re.split(r"[,;]", text):
+        piece = piece.strip()
+        if parts and re.fullmatch(r"\d+(\+adaptive)?", piece):
+            parts[-1] += "," + piece
+        elif piece:
+            parts.append(piece)
+    specs = []
+    for part in parts:
+        tree_text, plus, flag = part.partition("+")
+        if plus and flag != "adaptive":
+            raise argparse.ArgumentTypeError(f"{part!r}: the only suffix is +adaptive")
+        try:
+            tree = TreeSpec.parse(tree_text).validate("tree")
+        except Exception as exc:  # ValueError or InvalidRequest
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        if not tree.enabled:
+            raise argparse.ArgumentTypeError(f"{part!r}: target-only always runs; give a tree")
+        specs.append(SpecConfig(tree, adaptive=bool(plus)))
+    if not specs:
+        raise argparse.ArgumentTypeError("no tree given")
+    return specs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specmesh bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", type=parse_ints, default=[1, 4, 16],
+                   help="concurrency levels (default 1,4,16); each level runs "
+                        "max(c, num_prompts) requests")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=8,
+                   help="requests per level at least, and the HF runs' prompts (default 8)")
+    p.add_argument("--tree", type=parse_specs, default=None,
+                   help="speculative tree config (default chain:4)")
+    p.add_argument("--trees", type=parse_specs, default=None,
+                   help="several configs: chain:4,static:4,2,2,1,dynamic:16 (+adaptive suffix)")
+    p.add_argument("--target", default=None, help="target model folder or name")
+    p.add_argument("--draft", default=None, help="draft model folder or name")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
+    p.add_argument("--json", action="store_true", help="print one JSON object (table to stderr)")
+    p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
+    return p
+
+
+def _specs(args: argparse.Namespace) -> list[SpecConfig]:
+    chosen = (args.tree or []) + (args.trees or [])
+    unique = list({s.name: s for s in chosen}.values())
+    return unique or [SpecConfig(TreeSpec("chain", chain_length=4))]
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens <= 0 or args.num_prompts <= 0:
+        raise ValueError("--max-new-tokens and --num-prompts must be >= 1")
+    target, draft = resolve_pair(args.target, args.draft)
+    specs = _specs(args)
+    concurrencies = sorted(set(args.concurrency))
+    codec = TextCodec(target)
+    num_needed = max(args.num_prompts, max(concurrencies))
+    prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
+
+    started = time.perf_counter()
+    runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
+                                 args.max_new_tokens, args.num_prompts, _log))
+    if not args.no_hf:
+        from loadtest.bench_hf import run_hf  # torch + transformers only when asked
+
+        runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens, _log)
+    _log(f"done in {time.perf_counter() - started:.0f} s")
+
+    rows = sorted((r.row for r in runs), key=lambda r: (r.system != "specmesh", r.kind != TARGET,
+                                                        r.tree, r.concurrency))
+    names = [s.name for s in specs]
+    ratios = compute_ratios(rows, names)
+    check = check_outputs(runs, args.max_new_tokens)
+    hi = concurrencies[-1]
+    by_name = {r.name: r.value for r in ratios}
+    checks = {f"spec >= {SPEED_OK}x target-only at c={hi} [{name}]":
+              by_name[f"spec/target c={hi} [{name}]"] >= SPEED_OK
+              for name in names if f"spec/target c={hi} [{name}]" in by_name}
+    title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
+             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts")
+    report = format_report(title, rows, ratios, check, checks)
+    if args.json:
+        config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
+                  "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
+                  "trees": names, "hf": not args.no_hf}
+        print(report, file=sys.stderr, flush=True)
+        print(json.dumps(to_json(config, rows, ratios, check, checks)), flush=True)
+    else:
+        print(report, flush=True)
+    if args.plot is not None:
+        write_plot(args.plot, title, rows)
+        _log(f"plot written to {args.plot}")
+    return 1 if check.total else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"specmesh bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

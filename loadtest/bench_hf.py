@@ -1,0 +1,94 @@
+"""Baselines with HF transformers `generate`: target alone and with `assistant_model=` the draft.
+
+Sequential requests (concurrency 1): HF assisted generation supports batch size 1 only. Run in
+the bench's own process while our stack is down, so the two never compete for the cores.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Callable
+
+from loadtest.bench_results import HF_ASSISTED, HF_TARGET, ModeRun, RequestSample, summarise
+
+WARMUP_TOKENS = 8
+
+
+def _timing_streamer():
+    """A streamer that records when each chunk of new tokens arrives (the first put is the
+    prompt). Under assisted generation each chunk is one round's accepted tokens + bonus."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class TimingStreamer(BaseStreamer):
+        def __init__(self):
+            self.chunks: list[tuple[float, int]] = []  # (time, num tokens) after the prompt
+            self._seen_prompt = False
+
+        def put(self, value):  # value: [batch, n] or [n] token ids
+            if not self._seen_prompt:
+                self._seen_prompt = True
+                return
+            self.chunks.append((time.perf_counter(), int(value.numel())))
+
+        def end(self):
+            pass
+
+    return TimingStreamer()
+
+
+def _load(folder: pathlib.Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+def _generate(model, prompt_ids: list[int], max_new_tokens: int, assistant=None):
+    """Greedy, exactly max_new_tokens (eos_token_id=None: EOS does not stop it, like ignore_eos).
+    Returns (new ids, streamer)."""
+    import torch
+
+    streamer = _timing_streamer()
+    ids = torch.tensor([prompt_ids])  # [1, prompt_len]
+    extra = {"assistant_model": assistant} if assistant is not None else {}
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, streamer=streamer, **extra)  # [1, prompt + new]
+    return out[0, len(prompt_ids):].tolist(), streamer
+
+
+def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
+           assistant=None) -> RequestSample:
+    start = time.perf_counter()
+    new, streamer = _generate(model, prompt_ids, max_new_tokens, assistant)
+    latency = time.perf_counter() - start
+    rounds = len(streamer.chunks)
+    ttft = streamer.chunks[0][0] - start if streamer.chunks else latency
+    # every chunk ends with one target-chosen token; the rest are accepted draft tokens
+    accepted = len(new) - rounds if assistant is not None else 0
+    return RequestSample(index, new, latency, ttft, rounds, accepted)
+
+
+def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
+           max_new_tokens: int, log: Callable[[str], None]) -> list[ModeRun]:
+    """HF target-only then HF assisted, each over all prompts in order."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    log(f"HF transformers {transformers.__version__}: loading {target.name} and {draft.name}")
+    target_model, draft_model = _load(target), _load(draft)
+    runs = []
+    for kind, assistant in ((HF_TARGET, None), (HF_ASSISTED, draft_model)):
+        _generate(target_model, prompts[0], WARMUP_TOKENS, assistant)
+        start = time.perf_counter()
+        samples = [_timed(target_model, i, p, max_new_tokens, assistant)
+                   for i, p in enumerate(prompts)]
+        run = summarise("hf", kind, draft.name if assistant is not None else "", 1, samples,
+                        time.perf_counter() - start)
+        log(f"{run.row.label}: {len(samples)} requests, {run.row.tokens_per_s:.1f} tok/s")
+        runs.append(run)
+    return runs

@@ -1,0 +1,106 @@
+"""Timed runs through our own stack: target-only and speculative, at each concurrency.
+
+One LocalStack (verify + draft subprocesses) and one AsyncSpecMeshClient serve every mode; the
+concurrent requests of a level share the client, so the services' batchers merge them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clients.async_client import AsyncSpecMeshClient
+from clients.local_stack import LocalStack
+from clients.types import GenerationParams
+from loadtest.bench_results import SPEC, TARGET, ModeRun, RequestSample, summarise
+from specmesh.wire.tree_spec import TreeSpec
+
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """One speculative configuration: a tree shape, optionally sized adaptively each round."""
+
+    tree: TreeSpec
+    adaptive: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.tree}+adaptive" if self.adaptive else str(self.tree)
+
+
+@dataclass(frozen=True)
+class StackMode:
+    kind: str  # TARGET | SPEC
+    spec: SpecConfig | None = None
+
+    @property
+    def tree(self) -> str:
+        return self.spec.name if self.spec else ""
+
+    def params(self, max_new_tokens: int) -> GenerationParams:
+        """Greedy, exactly max_new_tokens (ignore_eos), speculating only in SPEC mode."""
+        if self.spec is None:
+            return GenerationParams(max_new_tokens=max_new_tokens, ignore_eos=True,
+                                    speculate=False)
+        return GenerationParams(max_new_tokens=max_new_tokens, ignore_eos=True,
+                                tree=self.spec.tree, speculate=True, adaptive=self.spec.adaptive)
+
+
+async def timed_request(client: AsyncSpecMeshClient, prompt_index: int, prompt_ids: list[int],
+                        params: GenerationParams) -> RequestSample:
+    """One streamed request; TTFT is when the first event with tokens arrives."""
+    start = time.perf_counter()
+    ttft, result = None, None
+    async for event in client.stream(prompt_ids, params.max_new_tokens, params=params):
+        if ttft is None and event.token_ids:
+            ttft = time.perf_counter() - start
+        result = event.result or result
+    latency = time.perf_counter() - start
+    stats = result.stats
+    return RequestSample(prompt_index, list(result.token_ids), latency,
+                         ttft if ttft is not None else latency, stats.num_rounds,
+                         stats.num_accepted_tokens)
+
+
+async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[list[int]],
+                    concurrency: int, num_requests: int, max_new_tokens: int) -> ModeRun:
+    """`num_requests` requests (prompt i for request i), `concurrency` in flight at a time
+    (closed loop: each worker starts its next request when the last one ends)."""
+    params = mode.params(max_new_tokens)
+    todo = iter(range(num_requests))  # shared by the workers
+    samples: list[RequestSample] = []
+
+    async def worker() -> None:
+        for i in todo:
+            samples.append(await timed_request(client, i, prompts[i], params))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return summarise("specmesh", mode.kind, mode.tree, concurrency, samples, wall)
+
+
+async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
+                    concurrencies: list[int], specs: list[SpecConfig], max_new_tokens: int,
+                    num_prompts: int, log: Callable[[str], None]) -> list[ModeRun]:
+    """Every mode at every concurrency (concurrency outer, so modes compared at one level run
+    close together in time). A level runs max(c, num_prompts) requests."""
+    modes = [StackMode(TARGET)] + [StackMode(SPEC, s) for s in specs]
+    runs = []
+    log(f"starting stack: target {target.name}, draft {draft.name}")
+    async with LocalStack(target, draft) as stack, \
+            AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr) as client:
+        for mode in modes:  # warm-up: one short request per mode
+            await timed_request(client, 0, prompts[0], mode.params(WARMUP_TOKENS))
+        for c in concurrencies:
+            for mode in modes:
+                n = max(c, num_prompts)
+                run = await run_level(client, mode, prompts, c, n, max_new_tokens)
+                log(f"{run.row.label}: {n} requests, {run.row.tokens_per_s:.1f} tok/s")
+                runs.append(run)
+    return runs
