@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
+from kernels._cuda import CudaUnavailable, tree_attention_cuda
 from kernels.attention_metadata import AttentionMetadata
 from kernels.reference import tree_attention_reference
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"{reason}; using the PyTorch reference instead", RuntimeWarning, stacklevel=4)
 
 
 def tree_attention(
@@ -16,5 +25,14 @@ def tree_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Every query attends to its committed prefix, the causal new tokens before it, and its
-    tree ancestors (and itself), as described in `kernels.attention_metadata`."""
+    tree ancestors (and itself), as described in `kernels.attention_metadata`.
+
+    CUDA tensors run the kernel in `kernels/csrc/tree_attention.cu`; where it cannot run (no
+    cuda-python / NVRTC, an unsupported dtype or head_dim) the reference runs, with one warning
+    per reason. CPU tensors always run the reference."""
+    if q.is_cuda:
+        try:
+            return tree_attention_cuda(q, k_cache, v_cache, meta, scale)
+        except CudaUnavailable as exc:
+            _warn_once(str(exc))
     return tree_attention_reference(q, k_cache, v_cache, meta, scale)
