@@ -1,27 +1,34 @@
-"""AsyncSpecMeshClient: generate() and stream() over a draft and a verify service."""
+"""AsyncSpecMeshClient: generate() and stream() for many concurrent callers over one batch.
+
+Each call becomes a request in the client's scheduler; one loop task runs the rounds for all of
+them (clients/batch_loop.py) and hands each request its tokens as they are committed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import grpc
 
-from clients.sequence import SequenceState
-from clients.step import Stubs, run_round
+from clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent, SequenceContext
+from clients.result_cache import ResultCache
+from clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
+from clients.step import Stubs
 from clients.tokenizer import TextCodec
 from clients.types import GenerationParams, GenerationResult, GenerationStats
-from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
-from specmesh.wire.errors import InvalidRequest, error_from_rpc
+from specmesh.v1 import common_pb2, draft_pb2_grpc, verify_pb2_grpc
+from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.server import CHANNEL_OPTIONS
 from specmesh.wire.tree_spec import TreeSpec
 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One round's worth of new output (tokens may be several under speculation)."""
+    """One round's worth of new output (several tokens under speculation)."""
 
     token_ids: list[int]
     text: str  # the text these tokens add
@@ -31,14 +38,18 @@ class StreamEvent:
 
 class AsyncSpecMeshClient:
     def __init__(self, verify_addr: str, draft_addr: str | None = None,
-                 tokenizer_dir: str | None = None):
+                 tokenizer_dir: str | None = None, *, cache_addr: str | None = None,
+                 scheduler: SchedulerConfig | None = None):
         self.verify_addr = verify_addr
         self.draft_addr = draft_addr
         self.codec = TextCodec(tokenizer_dir) if tokenizer_dir else None
+        self.results = ResultCache(cache_addr) if cache_addr else None
+        self._scheduler_config = scheduler or SchedulerConfig()
         self._channels: list[grpc.aio.Channel] = []
-        self.stubs: Stubs | None = None
         self.target_info: common_pb2.ModelInfo | None = None
-        self._releases: set[asyncio.Task] = set()
+        self.draft_info: common_pb2.ModelInfo | None = None
+        self._loop: BatchLoop | None = None
+        self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "AsyncSpecMeshClient":
         await self.connect()
@@ -51,21 +62,32 @@ class AsyncSpecMeshClient:
         verify_ch = grpc.aio.insecure_channel(self.verify_addr, options=CHANNEL_OPTIONS)
         self._channels.append(verify_ch)
         verify = verify_pb2_grpc.VerifyServiceStub(verify_ch)
-        draft = None
         self.target_info = await verify.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
+        draft = None
         if self.draft_addr:
             draft_ch = grpc.aio.insecure_channel(self.draft_addr, options=CHANNEL_OPTIONS)
             self._channels.append(draft_ch)
             draft = draft_pb2_grpc.DraftServiceStub(draft_ch)
-            info = await draft.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
-            if info.vocab_size != self.target_info.vocab_size:
-                raise InvalidRequest("draft", f"draft vocab {info.vocab_size} != target vocab "
-                                     f"{self.target_info.vocab_size}")
-        self.stubs = Stubs(draft, verify)
+            self.draft_info = await draft.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
+            if self.draft_info.vocab_size != self.target_info.vocab_size:
+                raise InvalidRequest("draft", f"draft vocab {self.draft_info.vocab_size} != "
+                                     f"target vocab {self.target_info.vocab_size}")
+        contexts: dict[str, SequenceContext] = {}
+        policy = PerRequestPolicy(contexts)
+        self._loop = BatchLoop(Stubs(draft, verify), Scheduler(self._scheduler_config, policy),
+                               contexts, policy)
+        self._task = asyncio.get_running_loop().create_task(self._loop.run())
 
     async def close(self) -> None:
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.results is not None:
+            await self.results.close()
         for ch in self._channels:
             await ch.close()
         self._channels.clear()
@@ -73,8 +95,8 @@ class AsyncSpecMeshClient:
     # -- public API ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 128, *,
                        params: GenerationParams | None = None, **kwargs) -> GenerationResult:
-        """Generate to completion. kwargs override fields of GenerationParams
-        (temperature, top_p, top_k, seed, stop, ignore_eos, tree, speculate, adaptive)."""
+        """Generate to completion. kwargs override GenerationParams fields (temperature, top_p,
+        top_k, seed, stop, ignore_eos, tree, speculate, adaptive)."""
         result = None
         async for event in self.stream(prompt, max_new_tokens, params=params, **kwargs):
             result = event.result or result
@@ -83,35 +105,39 @@ class AsyncSpecMeshClient:
     async def stream(self, prompt: str | list[int], max_new_tokens: int = 128, *,
                      params: GenerationParams | None = None,
                      **kwargs) -> AsyncIterator[StreamEvent]:
-        """Yield new tokens as each round commits them; the last event carries the result."""
+        """Yield new tokens as each round commits them; the last event carries the result.
+        Closing the iterator early (or cancelling the task) cancels the generation."""
         p = _params(params, max_new_tokens, kwargs)
         prompt_ids = self._encode(prompt)
-        seq = SequenceState(prompt_ids)
-        stats = GenerationStats()
-        start = time.perf_counter()
-        spec = p.tree if p.speculate else TreeSpec()
-        sampling = p.sampling_proto()
-        finish = None
-        text_so_far = ""
-        try:
-            while finish is None:
-                out = await run_round(self.stubs, seq, spec, sampling)
-                new, finish = self._cut(seq, out.tokens, p, len(prompt_ids))
-                _account(stats, out, len(new), start)
-                new_text = self._text(seq.generated)
-                delta, text_so_far = new_text[len(text_so_far):], new_text
-                if finish is None:
-                    yield StreamEvent(new, delta)
-            stats.total_time_s = time.perf_counter() - start
-            result = GenerationResult(self._text(seq.generated), seq.generated, prompt_ids,
-                                      finish, stats, str(spec))
-            yield StreamEvent(new, delta, finish, result)
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err) from err
-        finally:
-            self._release(seq.seq_id)
+        if len(prompt_ids) + 1 > self.target_info.max_context:
+            raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens leave no room in the "
+                                 f"context of {self.target_info.max_context}")
+        spec = p.tree if p.speculate and self.draft_info is not None else TreeSpec()
+        gen = _Generation(self, prompt_ids, p, spec)
+        cached = await self._cached(p, prompt_ids, spec)
+        if cached is not None:
+            async for ev in gen.replay(*cached):
+                yield ev
+            return
+        async for ev in gen.run():
+            yield ev
+        if self.results is not None and gen.result is not None:
+            await self.results.store(p, prompt_ids, self._fp(self.draft_info),
+                                     self.target_info.fingerprint, str(spec),
+                                     gen.result.token_ids, gen.result.finish_reason)
 
     # -- helpers ---------------------------------------------------------------------------
+    async def _cached(self, p: GenerationParams, prompt_ids: list[int], spec: TreeSpec):
+        if self.results is None or not p.deterministic:
+            return None
+        hit = await self.results.lookup_result(p, prompt_ids, self._fp(self.draft_info),
+                                               self.target_info.fingerprint, str(spec))
+        return None if hit is None else (hit.token_ids, hit.finish_reason)
+
+    @staticmethod
+    def _fp(info) -> str:
+        return info.fingerprint if info is not None else ""
+
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -124,40 +150,87 @@ class AsyncSpecMeshClient:
             raise InvalidRequest("prompt", "empty prompt")
         return ids
 
-    def _text(self, ids: list[int]) -> str:
+    def text(self, ids: list[int]) -> str:
         return self.codec.decode(ids) if self.codec else ""
 
-    def _cut(self, seq: SequenceState, new: list[int], p: GenerationParams,
-             prompt_len: int) -> tuple[list[int], str | None]:
-        """Trim this round's tokens at EOS / max_new_tokens / stop string; say why we stop."""
-        eos = self.target_info.eos_token_id
-        base = len(seq.tokens) - len(new)
-        for i, tok in enumerate(new):
-            if not p.ignore_eos and tok == eos:
-                del seq.tokens[base + i + 1:]
-                return new[: i + 1], "eos"
-            if base + i + 1 - prompt_len >= p.max_new_tokens:
-                del seq.tokens[base + i + 1:]
-                return new[: i + 1], "length"
-        if p.stop and self.codec:
-            text = self._text(seq.generated)
-            hits = [text.find(s) for s in p.stop if s in text]
-            if hits:
-                return new, "stop"
-        return new, None
 
-    def _release(self, seq_id: str) -> None:
-        async def release():
-            reqs = [self.stubs.verify.Release(
-                verify_pb2.VerifyReleaseRequest(sequence_ids=[seq_id]), timeout=5)]
-            if self.stubs.draft is not None:
-                reqs.append(self.stubs.draft.Release(
-                    draft_pb2.ReleaseRequest(sequence_ids=[seq_id]), timeout=5))
-            await asyncio.gather(*reqs, return_exceptions=True)
+class _Generation:
+    """One request's life: queue into the scheduler, turn round events into stream events."""
 
-        task = asyncio.get_running_loop().create_task(release())
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+    def __init__(self, client: AsyncSpecMeshClient, prompt_ids: list[int],
+                 params: GenerationParams, spec: TreeSpec):
+        self.client, self.prompt_ids, self.params, self.spec = client, prompt_ids, params, spec
+        self.seq_id = uuid.uuid4().hex
+        self.generated: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats()
+        self.start = time.perf_counter()
+        self.result: GenerationResult | None = None
+
+    def _event(self, new: list[int], finish: str | None, matched: str = "") -> StreamEvent:
+        self.generated += new
+        text = self.client.text(self.generated)
+        delta, self.text = text[len(self.text):], text
+        if finish is None:
+            return StreamEvent(new, delta)
+        self.stats.total_time_s = time.perf_counter() - self.start
+        self.stats.num_generated_tokens = len(self.generated)
+        self.result = GenerationResult(self.text, list(self.generated), self.prompt_ids, finish,
+                                       self.stats, str(self.spec), matched)
+        return StreamEvent(new, delta, finish, self.result)
+
+    async def replay(self, token_ids: list[int], finish: str) -> AsyncIterator[StreamEvent]:
+        self.stats.cache_hit = True
+        self.stats.time_to_first_token_s = time.perf_counter() - self.start
+        yield self._event(list(token_ids), finish or "length")
+
+    async def run(self) -> AsyncIterator[StreamEvent]:
+        loop = self.client._loop
+        queue: asyncio.Queue[RoundEvent | BaseException] = asyncio.Queue()
+        loop.contexts[self.seq_id] = SequenceContext(
+            self.spec, self.params.sampling_proto(), self.params.adaptive, queue.put_nowait)
+        eos = self.client.target_info.eos_token_id
+        loop.scheduler.add(SequenceRequest(
+            self.seq_id, tuple(self.prompt_ids), self.params.max_new_tokens,
+            eos_token_id=eos if eos >= 0 else None, ignore_eos=self.params.ignore_eos,
+            max_spec_tokens=self.spec.max_nodes))
+        loop.wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                self._account(item)
+                finish, matched = item.finish_reason, ""
+                if finish is None and self.params.stop:
+                    matched = self._stop_match(list(item.tokens))
+                    if matched:
+                        finish = "stop"
+                        loop.scheduler.finish(self.seq_id, "stop")
+                finished = finish is not None
+                yield self._event(list(item.tokens), finish, matched)
+        finally:
+            loop.contexts.pop(self.seq_id, None)
+            if not finished and self.seq_id in loop.scheduler:
+                loop.scheduler.finish(self.seq_id, "cancelled")
+                loop.wake.set()
+
+    def _stop_match(self, new: list[int]) -> str:
+        text = self.client.text(self.generated + new)
+        hits = [(text.find(s), s) for s in self.params.stop if s and s in text]
+        return min(hits)[1] if hits else ""
+
+    def _account(self, ev: RoundEvent) -> None:
+        s = self.stats
+        if s.num_generated_tokens == 0 and ev.tokens:
+            s.time_to_first_token_s = time.perf_counter() - self.start
+        s.num_rounds += 1
+        s.num_draft_tokens += ev.num_drafted
+        s.num_accepted_tokens += ev.num_accepted
+        s.accepted_per_round.append(ev.num_accepted)
+        s.num_generated_tokens += len(ev.tokens)
 
 
 def _params(params: GenerationParams | None, max_new_tokens: int, kwargs: dict) -> GenerationParams:
@@ -174,13 +247,3 @@ def _params(params: GenerationParams | None, max_new_tokens: int, kwargs: dict) 
         field, _, problem = str(exc).partition(": ")
         raise InvalidRequest(field, problem) from exc
     return p
-
-
-def _account(stats: GenerationStats, out, num_new: int, start: float) -> None:
-    if stats.num_generated_tokens == 0 and num_new:
-        stats.time_to_first_token_s = time.perf_counter() - start
-    stats.num_rounds += 1
-    stats.num_draft_tokens += out.num_drafted
-    stats.num_accepted_tokens += out.num_accepted
-    stats.accepted_per_round.append(out.num_accepted)
-    stats.num_generated_tokens += num_new

@@ -52,6 +52,7 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0
     total_time_s: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
+    cache_hit: bool = False  # replayed from the result cache
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +75,7 @@ class GenerationResult:
     finish_reason: str  # "length" | "eos" | "stop" | "cancelled"
     stats: GenerationStats
     tree: str = ""
+    matched_stop: str = ""  # finish_reason "stop": the stop string that matched
 
     def to_json(self) -> dict:
         s = self.stats
@@ -92,4 +94,5 @@ class GenerationResult:
             "time_to_first_token_s": round(s.time_to_first_token_s, 4),
             "total_time_s": round(s.total_time_s, 4),
             "tree": self.tree,
+            "cache_hit": s.cache_hit,
         }

@@ -1,0 +1,234 @@
+"""Adaptive speculation: how many draft tokens each sequence gets this round (pure, no I/O).
+
+A chain of k draft tokens whose tokens are each accepted with probability `a` yields, with the
+bonus token, E[tokens | k, a] = (1 - a^(k+1)) / (1 - a) per round. A round costs
+draft_time(k) + verify_time(batch tokens), and the batch grows by k tokens per drafting sequence.
+We pick the k in 0..k_max with the most expected tokens per second, where k = 0 is plain decoding
+(no draft call, 1 token per verify_time(batch tokens)); speculation must beat it by `min_speedup`.
+Under load verify time grows with tokens, so k shrinks, down to 0. A sequence held at 0 tries
+k = 1 every `explore_every` rounds so it can find its way back.
+
+Measured, all as exponentially weighted moving averages:
+- per sequence, acceptance a = accepted / tested draft positions (a round accepting m of depth d
+  tested m + 1 positions if m < d, else d: the maximum-likelihood estimate for a chain);
+- draft round time as a line in depth d (one draft forward per depth);
+- verify round time as a line in the verify batch's tokens.
+Trees: with `tree_width` w > 1 a budget of d * w nodes is verified at depth d; the acceptance
+measured per depth then already includes the tree's alternatives. Budgets are in tokens (nodes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_EPS = 1e-12
+
+
+def expected_tokens(k: int, acceptance: float) -> float:
+    """E[tokens per round] of a chain of k drafts with per-token acceptance a (bonus included)."""
+    a = min(max(acceptance, 0.0), 1.0)
+    if a >= 1.0 - 1e-12:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class LinearCost:
+    """Time ≈ intercept + slope * x, fitted by exponentially weighted least squares.
+
+    `decay` is the weight of the newest sample. With no spread in x yet, `fallback` decides:
+    "constant" (slope 0: time does not depend on x) or "proportional" (intercept 0).
+    """
+
+    def __init__(self, decay: float, fallback: str = "constant"):
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay: {decay} must be in (0, 1]")
+        if fallback not in ("constant", "proportional"):
+            raise ValueError(f"fallback: {fallback!r} must be 'constant' or 'proportional'")
+        self.decay = decay
+        self.fallback = fallback
+        self.num_samples = 0
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, x: float, y: float) -> None:
+        keep, new = 1.0 - self.decay, self.decay
+        self._w = keep * self._w + new
+        self._x = keep * self._x + new * x
+        self._y = keep * self._y + new * y
+        self._xx = keep * self._xx + new * x * x
+        self._xy = keep * self._xy + new * x * y
+        self.num_samples += 1
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(intercept, slope), both >= 0; None before the first sample."""
+        if self.num_samples == 0:
+            return None
+        mx, my = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mx * mx
+        if var > 1e-9 * max(1.0, mx * mx):
+            slope = (self._xy / self._w - mx * my) / var
+            intercept = my - slope * mx
+            if slope < 0:  # noise: time does not grow with x
+                return my, 0.0
+            if intercept < 0:
+                return 0.0, my / mx if mx > 0 else 0.0
+            return intercept, slope
+        if self.fallback == "proportional" and mx > _EPS:
+            return 0.0, my / mx
+        return my, 0.0
+
+    def predict(self, x: float) -> float | None:
+        coef = self.coefficients()
+        if coef is None:
+            return None
+        return max(0.0, coef[0] + coef[1] * x)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    k_max: int = 8
+    """Largest draft depth ever chosen."""
+    tree_width: int = 1
+    """Draft nodes verified per depth (1 = chain); a budget is depth * tree_width tokens."""
+    initial_k: int = 4
+    """Depth used until both draft and verify times have been measured (at most k_max)."""
+    prior_acceptance: float = 0.7
+    """Acceptance assumed for the first sequence (later ones start from the global average)."""
+    acceptance_decay: float = 0.3
+    """EWMA weight of a sequence's newest round."""
+    rtt_decay: float = 0.1
+    """EWMA weight of the newest draft / verify timing."""
+    min_speedup: float = 1.05
+    """Speculate only when expected tokens/s beats plain decoding by this factor."""
+    explore_every: int = 16
+    """A sequence held at k = 0 tries k = 1 on every explore_every-th round (0 = never)."""
+
+    def __post_init__(self):
+        if self.k_max < 0:
+            raise ValueError(f"k_max: {self.k_max} must be >= 0")
+        if self.tree_width < 1:
+            raise ValueError(f"tree_width: {self.tree_width} must be >= 1")
+        if self.initial_k < 0:
+            raise ValueError(f"initial_k: {self.initial_k} must be >= 0")
+        if not 0 <= self.prior_acceptance <= 1:
+            raise ValueError(f"prior_acceptance: {self.prior_acceptance} must be in [0, 1]")
+        for name in ("acceptance_decay", "rtt_decay"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be in (0, 1]")
+        if self.min_speedup <= 0:
+            raise ValueError(f"min_speedup: {self.min_speedup} must be > 0")
+        if self.explore_every < 0:
+            raise ValueError(f"explore_every: {self.explore_every} must be >= 0")
+
+
+@dataclass
+class _Acceptance:
+    """EW sums of accepted and tested draft positions; acceptance = accepted / tested."""
+
+    accepted: float
+    tested: float = 1.0
+
+    @property
+    def rate(self) -> float:
+        return min(1.0, self.accepted / self.tested) if self.tested > _EPS else 0.0
+
+    def observe(self, depth: int, num_accepted: int, decay: float) -> None:
+        tested = num_accepted + (1 if num_accepted < depth else 0)
+        self.accepted = (1 - decay) * self.accepted + decay * num_accepted
+        self.tested = (1 - decay) * self.tested + decay * tested
+
+
+@dataclass
+class _SequenceState:
+    acceptance: _Acceptance
+    zero_streak: int = 0
+
+
+@dataclass
+class AdaptiveSpeculation:
+    """The policy: feed it measurements, ask it for a per-sequence draft budget each round."""
+
+    config: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+
+    def __post_init__(self):
+        self.draft_cost = LinearCost(self.config.rtt_decay, fallback="proportional")
+        self.verify_cost = LinearCost(self.config.rtt_decay, fallback="constant")
+        self._global = _Acceptance(self.config.prior_acceptance)
+        self._seqs: dict[str, _SequenceState] = {}
+
+    # -- measurements ----------------------------------------------------------------------
+    def observe_round(self, seq_id: str, depth: int, num_accepted: int) -> None:
+        """A verified round of `seq_id`: `num_accepted` of a draft of depth `depth` accepted."""
+        if depth <= 0:
+            return
+        num_accepted = min(max(num_accepted, 0), depth)
+        decay = self.config.acceptance_decay
+        self._state(seq_id).acceptance.observe(depth, num_accepted, decay)
+        self._global.observe(depth, num_accepted, decay)
+
+    def observe_draft(self, depth: int, seconds: float) -> None:
+        """One draft round trip that proposed a tree of `depth` levels."""
+        if depth > 0:
+            self.draft_cost.observe(depth, seconds)
+
+    def observe_verify(self, batch_tokens: int, seconds: float) -> None:
+        """One verify round trip whose batch held `batch_tokens` tokens (drafts included)."""
+        self.verify_cost.observe(batch_tokens, seconds)
+
+    def forget(self, seq_id: str) -> None:
+        self._seqs.pop(seq_id, None)
+
+    # -- queries ---------------------------------------------------------------------------
+    def acceptance(self, seq_id: str) -> float:
+        state = self._seqs.get(seq_id)
+        return (state.acceptance if state else self._global).rate
+
+    def depth(self, num_nodes: int) -> int:
+        """The draft depth that a budget of `num_nodes` tokens stands for."""
+        return math.ceil(num_nodes / self.config.tree_width)
+
+    def tokens_per_second(self, seq_id: str, k: int, batch_tokens: int,
+                          batch_size: int = 1) -> float | None:
+        """Expected tokens/s of `seq_id` at depth k if all `batch_size` sequences drafted k;
+        None before the costs have been measured. `batch_tokens` excludes draft tokens."""
+        verify_tokens = batch_tokens + batch_size * k * self.config.tree_width
+        verify = self.verify_cost.predict(verify_tokens)
+        draft = self.draft_cost.predict(k) if k > 0 else 0.0
+        if verify is None or draft is None:
+            return None
+        return expected_tokens(k, self.acceptance(seq_id)) / max(draft + verify, _EPS)
+
+    def best_depth(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
+        """The depth with the most expected tokens/s (0 when speculation does not pay)."""
+        cfg = self.config
+        plain = self.tokens_per_second(seq_id, 0, batch_tokens, batch_size)
+        if plain is None or self.draft_cost.num_samples == 0:
+            return min(cfg.initial_k, cfg.k_max)
+        best_k, best_rate = 0, plain * cfg.min_speedup
+        for k in range(1, cfg.k_max + 1):
+            rate = self.tokens_per_second(seq_id, k, batch_tokens, batch_size)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def choose(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
+        """This round's draft budget in tokens (depth * tree_width) for `seq_id`, exploring
+        k = 1 every `explore_every` rounds spent at 0."""
+        k = self.best_depth(seq_id, batch_tokens, batch_size)
+        state = self._state(seq_id)
+        if k > 0:
+            state.zero_streak = 0
+        else:
+            state.zero_streak += 1
+            every = self.config.explore_every
+            if every and state.zero_streak >= every and self.config.k_max >= 1:
+                state.zero_streak = 0
+                k = 1
+        return k * self.config.tree_width
+
+    def _state(self, seq_id: str) -> _SequenceState:
+        state = self._seqs.get(seq_id)
+        if state is None:
+            start = _Acceptance(self._global.rate)
+            state = self._seqs[seq_id] = _SequenceState(start)
+        return state

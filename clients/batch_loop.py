@@ -1,0 +1,188 @@
+"""The client's engine loop: schedule -> propose -> verify -> commit, once per round.
+
+Every running sequence takes part in every round (continuous batching: the scheduler admits and
+retires sequences between rounds). Within a round all Propose calls go out together, then all
+Verify calls, so each service's batcher sees them at once and runs one forward for the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from clients.adaptive import AdaptiveSpeculation
+from clients.scheduler import Scheduler, StepPlan
+from clients.step import Stubs, propose, verify
+from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
+from specmesh.wire.errors import error_from_rpc
+from specmesh.wire.tree_spec import TreeSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """What one round gave one sequence (delivered to its request's sink)."""
+
+    tokens: tuple[int, ...]  # committed this round (already cut at EOS / max_new_tokens)
+    finish_reason: str | None
+    num_drafted: int
+    num_accepted: int
+
+
+@dataclass
+class SequenceContext:
+    """Per-request facts the loop needs beyond the scheduler's state."""
+
+    tree: TreeSpec
+    sampling: common_pb2.SamplingParams
+    adaptive: bool
+    sink: Callable[[RoundEvent | BaseException], None]
+
+
+class PerRequestPolicy:
+    """Adaptive budgets for sequences that asked for them; the rest keep their tree."""
+
+    def __init__(self, contexts: dict[str, SequenceContext]):
+        self.adaptive = AdaptiveSpeculation()
+        self._contexts = contexts
+
+    def choose(self, seq_id: str, batch_tokens: int, batch_size: int) -> int:
+        ctx = self._contexts.get(seq_id)
+        if ctx is None or not ctx.adaptive:
+            return 1 << 30
+        return self.adaptive.choose(seq_id, batch_tokens, batch_size)
+
+    def forget(self, seq_id: str) -> None:
+        self.adaptive.forget(seq_id)
+
+
+class BatchLoop:
+    def __init__(self, stubs: Stubs, scheduler: Scheduler, contexts: dict[str, SequenceContext],
+                 policy: PerRequestPolicy):
+        self.stubs = stubs
+        self.scheduler = scheduler
+        self.contexts = contexts
+        self.policy = policy
+        self.wake = asyncio.Event()
+        self.backoff_s = 0.0
+
+    async def run(self) -> None:
+        """Forever: wait for work, run one round."""
+        while True:
+            if not self.scheduler.has_work:
+                self.wake.clear()
+                await self.wake.wait()
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                await self._release(plan.finished_sequence_ids)
+                if self.scheduler.num_waiting:  # all requeued: wait for room
+                    await asyncio.sleep(max(self.backoff_s, 0.01))
+                continue
+            await self.run_round(plan)
+            if self.backoff_s:
+                await asyncio.sleep(self.backoff_s)
+
+    async def run_round(self, plan: StepPlan) -> None:
+        deltas = plan.deltas()
+        budgets = dict(plan.spec_lengths)
+        finished = list(plan.finished_sequence_ids)
+        specs = {d.seq_id: self.contexts[d.seq_id].tree.scaled(budgets[d.seq_id])
+                 for d in deltas}
+        # finished ids ride on the first Propose and the first Verify of the round
+        carrier = next((d.seq_id for d in deltas if specs[d.seq_id].enabled), None)
+        if finished and (carrier is None or self.stubs.draft is None):
+            asyncio.get_running_loop().create_task(self._release(finished, verify_too=False))
+        t0 = time.perf_counter()
+        proposals = await asyncio.gather(*(
+            self._propose(d.seq_id, specs[d.seq_id], finished if d.seq_id == carrier else ())
+            for d in deltas), return_exceptions=True)
+        t1 = time.perf_counter()
+        depth = max((self._depth(p) for p in proposals), default=0)
+        if depth:
+            self.policy.adaptive.observe_draft(depth, t1 - t0)
+        replies = await asyncio.gather(*(
+            self._verify(d.seq_id, p, finished if i == 0 else ())
+            for i, (d, p) in enumerate(zip(deltas, proposals))), return_exceptions=True)
+        self.policy.adaptive.observe_verify(plan.num_batch_tokens, time.perf_counter() - t1)
+        exhausted = False
+        for d, p, r in zip(deltas, proposals, replies):
+            exhausted |= self._commit(d.seq_id, p, r)
+        self.backoff_s = min(max(self.backoff_s * 2, 0.01), 1.0) if exhausted else 0.0
+
+    async def _propose(self, seq_id: str, spec: TreeSpec,
+                       finished) -> draft_pb2.ProposeResponse | None:
+        if not spec.enabled:
+            return None
+        seq = self.scheduler.get(seq_id)
+        return await propose(self.stubs, seq_id, seq.token_ids, seq.draft_cached, spec,
+                             self.contexts[seq_id].sampling, finished)
+
+    async def _verify(self, seq_id: str, proposal, finished) -> verify_pb2.VerifyResponse:
+        if isinstance(proposal, BaseException):
+            raise proposal
+        seq = self.scheduler.get(seq_id)
+        return await verify(self.stubs, seq_id, seq.token_ids, seq.target_cached, proposal,
+                            self.contexts[seq_id].sampling, finished)
+
+    @staticmethod
+    def _depth(proposal) -> int:
+        if not isinstance(proposal, draft_pb2.ProposeResponse) or not proposal.tree.parents:
+            return 0
+        depths: list[int] = []
+        for p in proposal.tree.parents:
+            depths.append(0 if p < 0 else depths[p] + 1)
+        return max(depths) + 1
+
+    def _commit(self, seq_id: str, proposal, reply) -> bool:
+        """Apply one sequence's outcome; True when the verifier was out of room."""
+        if seq_id not in self.scheduler:  # finished meanwhile (stop string, cancelled)
+            return False
+        ctx = self.contexts[seq_id]
+        if isinstance(reply, grpc.aio.AioRpcError):
+            code = reply.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                self.scheduler.reset_remote(seq_id, "target")  # evicted: resend full context
+                return False
+            if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                self.scheduler.requeue(seq_id)
+                return True
+            self.scheduler.finish(seq_id, "error")
+            ctx.sink(error_from_rpc(reply))
+            return False
+        if isinstance(reply, BaseException):
+            self.scheduler.finish(seq_id, "error")
+            ctx.sink(reply)
+            return False
+        drafted = len(proposal.tree.tokens) if isinstance(proposal, draft_pb2.ProposeResponse) \
+            else 0
+        result = self.scheduler.commit(
+            seq_id, list(reply.tokens), num_draft_tokens=drafted,
+            num_accepted_tokens=reply.num_accepted_draft_tokens,
+            draft_cached=proposal.num_cached_tokens if drafted else None,
+            target_cached=reply.num_cached_tokens)
+        if drafted and ctx.adaptive:
+            self.policy.adaptive.observe_round(seq_id, self._depth(proposal),
+                                               reply.num_accepted_draft_tokens)
+        ctx.sink(RoundEvent(result.appended, result.finish_reason, drafted,
+                            reply.num_accepted_draft_tokens))
+        return False
+
+    async def _release(self, seq_ids, verify_too: bool = True) -> None:
+        if not seq_ids:
+            return
+        calls = []
+        if verify_too:
+            calls.append(self.stubs.verify.Release(
+                verify_pb2.VerifyReleaseRequest(sequence_ids=list(seq_ids)), timeout=5))
+        if self.stubs.draft is not None:
+            calls.append(self.stubs.draft.Release(
+                draft_pb2.ReleaseRequest(sequence_ids=list(seq_ids)), timeout=5))
+        for res in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(res, BaseException):
+                log.debug("release failed: %s", res)

@@ -1,0 +1,121 @@
+"""GenerateService: a whole generation behind one server-streaming call, over the async client.
+
+    python -m clients.gateway --verify-addr H:P [--draft-addr H:P] [--tokenizer DIR] [--port P]
+    (also `specmesh serve gateway ...`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from clients.async_client import AsyncSpecMeshClient
+from clients.types import GenerationParams
+from specmesh.v1 import generate_pb2, generate_pb2_grpc
+from specmesh.wire.errors import InvalidRequest
+from specmesh.wire.server import build_server, serve_until_signal
+from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
+
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
+FINISH = {"length": generate_pb2.FINISH_REASON_LENGTH, "eos": generate_pb2.FINISH_REASON_EOS,
+          "stop": generate_pb2.FINISH_REASON_STOP,
+          "cancelled": generate_pb2.FINISH_REASON_CANCELLED}
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+def to_params(req: generate_pb2.GenerateRequest, defaults: GenerationParams) -> GenerationParams:
+    """Request -> GenerationParams; InvalidRequest names the field."""
+    if req.max_new_tokens < 0 or req.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise InvalidRequest("max_new_tokens", f"{req.max_new_tokens} not in [0, "
+                             f"{MAX_NEW_TOKENS_LIMIT}] (0 = default)")
+    temperature, top_p, top_k, seed = sampling_from_proto(req.sampling)
+    tree = TreeSpec.from_proto(req.tree_spec) if req.HasField("tree_spec") else defaults.tree
+    speculate = req.speculate if req.HasField("speculate") else defaults.speculate
+    return GenerationParams(
+        max_new_tokens=req.max_new_tokens or defaults.max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(req.stop),
+        ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
+        adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive)
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
+    def __init__(self, client: AsyncSpecMeshClient, defaults: GenerationParams | None = None):
+        self.client = client
+        self.defaults = defaults or GenerationParams()
+
+    async def Generate(self, request, context):
+        params = to_params(request, self.defaults)
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            prompt = request.text
+        elif which == "token_ids":
+            prompt = list(request.token_ids.ids)
+        else:
+            raise InvalidRequest("prompt", "set text or token_ids")
+        vocab = self.client.target_info.vocab_size
+        if isinstance(prompt, list):
+            for i, t in enumerate(prompt):
+                if not 0 <= t < vocab:
+                    raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} outside [0, {vocab})")
+        async for ev in self.client.stream(prompt, params.max_new_tokens, params=params):
+            msg = generate_pb2.GenerateResponse(token_ids=ev.token_ids, text=ev.text)
+            if ev.result is not None:
+                s, r = ev.result.stats, ev.result
+                msg.finish_reason = FINISH[r.finish_reason]
+                msg.matched_stop = r.matched_stop or ""
+                msg.stats.CopyFrom(generate_pb2.GenerationStats(
+                    num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
+                    num_accepted_tokens=s.num_accepted_tokens,
+                    num_prompt_tokens=len(r.prompt_token_ids),
+                    num_generated_tokens=len(r.token_ids), tokens_per_s=s.tokens_per_s,
+                    time_to_first_token_s=s.time_to_first_token_s, total_time_s=s.total_time_s,
+                    mean_accepted_per_round=s.mean_accepted_per_round, cache_hit=s.cache_hit))
+            yield msg
+
+
+async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir: str | None,
+                        port: int = 0, host: str = "127.0.0.1",
+                        defaults: GenerationParams | None = None, cache_addr: str | None = None):
+    """Connect the client, bind the gateway (SERVING once connected); return (server, servicer)."""
+    client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr)
+    await client.connect()
+    servicer = GenerateServicer(client, defaults)
+    server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
+                                  servicer)], [SERVICE_NAME], port=port, host=host)
+    await server.start()
+    await server.set_serving(True)
+    return server, servicer
+
+
+async def serve(args: argparse.Namespace) -> None:
+    defaults = GenerationParams(tree=TreeSpec.parse(args.tree), adaptive=args.adaptive,
+                                speculate=args.draft_addr is not None)
+    server, servicer = await start_gateway(args.verify_addr, args.draft_addr, args.tokenizer,
+                                           args.port, args.host, defaults, args.cache_addr)
+    print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
+    await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
+    await servicer.client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="specmesh serve gateway")
+    parser.add_argument("--verify-addr", required=True)
+    parser.add_argument("--draft-addr", default=None, help="omit for target-only decoding")
+    parser.add_argument("--cache-addr", default=None, help="cache service, for the result cache")
+    parser.add_argument("--tokenizer", default=None, help="model folder with tokenizer.json")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tree", default="chain:4", help="default tree spec")
+    parser.add_argument("--adaptive", action="store_true", help="adaptive speculation default")
+    parser.add_argument("--metrics-port", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
