@@ -57,7 +57,7 @@ class SequenceRequest:
 
 
 @dataclass
-class SequenceState:
+class ScheduledSequence:
     """What the scheduler tracks per sequence."""
 
     request: SequenceRequest
@@ -160,7 +160,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.policy = policy
         self._arrivals = itertools.count()
-        self._seqs: dict[str, SequenceState] = {}
+        self._seqs: dict[str, ScheduledSequence] = {}
         self._waiting: list[tuple[int, str]] = []  # sorted by arrival
         self._running: dict[str, None] = {}  # insertion (admission) order
         self._finished: list[str] = []
@@ -168,7 +168,7 @@ class Scheduler:
         self._rounds_since_exhausted = 0
 
     # -- queries ---------------------------------------------------------------------------
-    def get(self, seq_id: str) -> SequenceState:
+    def get(self, seq_id: str) -> ScheduledSequence:
         return self._seqs[seq_id]
 
     def __contains__(self, seq_id: str) -> bool:
@@ -202,16 +202,16 @@ class Scheduler:
         return bool(self._waiting or self._running or self._finished)
 
     # -- requests in and out ---------------------------------------------------------------
-    def add(self, request: SequenceRequest) -> SequenceState:
+    def add(self, request: SequenceRequest) -> ScheduledSequence:
         """Queue a request (FIFO)."""
         if request.request_id in self._seqs:
             raise ValueError(f"request_id: {request.request_id!r} is already scheduled")
-        seq = SequenceState(request, next(self._arrivals), list(request.prompt_token_ids))
+        seq = ScheduledSequence(request, next(self._arrivals), list(request.prompt_token_ids))
         self._seqs[seq.seq_id] = seq
         bisect.insort(self._waiting, (seq.arrival, seq.seq_id))
         return seq
 
-    def finish(self, seq_id: str, reason: str) -> SequenceState:
+    def finish(self, seq_id: str, reason: str) -> ScheduledSequence:
         """Retire a waiting or running sequence; its id goes out in the next plan (once) if a
         service may hold state for it."""
         seq = self._seqs.pop(seq_id)
@@ -249,7 +249,7 @@ class Scheduler:
         )
 
     def _admit(self, tokens: int, num_running: int
-               ) -> tuple[list[SequenceState], list[SequenceState]]:
+               ) -> tuple[list[ScheduledSequence], list[ScheduledSequence]]:
         """FIFO admission; returns (first-time sequences, requeued ones coming back)."""
         fresh, back = [], []
         cap = self.admission_cap
@@ -264,7 +264,7 @@ class Scheduler:
             (back if seq.was_scheduled else fresh).append(seq)
         return fresh, back
 
-    def _spec_budgets(self, planned: list[SequenceState], step_tokens: int) -> list[int]:
+    def _spec_budgets(self, planned: list[ScheduledSequence], step_tokens: int) -> list[int]:
         wanted = []
         for seq in planned:
             left = seq.request.max_new_tokens - seq.num_generated
@@ -341,12 +341,12 @@ class Scheduler:
                 self._soft_cap = None
 
 
-def _delta(seq: SequenceState) -> SequenceDelta:
+def _delta(seq: ScheduledSequence) -> SequenceDelta:
     return SequenceDelta(seq.seq_id, seq.draft_cached, tuple(seq.token_ids[seq.draft_cached:]),
                          seq.target_cached, tuple(seq.token_ids[seq.target_cached:]))
 
 
-def _cut(seq: SequenceState, tokens: list[int]) -> list[int]:
+def _cut(seq: ScheduledSequence, tokens: list[int]) -> list[int]:
     """Keep tokens up to and including the first EOS, and no more than max_new_tokens."""
     req = seq.request
     tokens = tokens[: req.max_new_tokens - seq.num_generated]
@@ -355,7 +355,7 @@ def _cut(seq: SequenceState, tokens: list[int]) -> list[int]:
     return tokens
 
 
-def _finish_reason(seq: SequenceState, kept: list[int]) -> str | None:
+def _finish_reason(seq: ScheduledSequence, kept: list[int]) -> str | None:
     req = seq.request
     if kept and req.eos_token_id is not None and not req.ignore_eos \
             and kept[-1] == req.eos_token_id:

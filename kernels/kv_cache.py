@@ -101,6 +101,8 @@ class PagedKVCache:
     def set_num_tokens(self, seq_id: str, n: int) -> None:
         """Declare positions [0, n) valid; n must fit the reserved blocks."""
         seq = self._seqs[seq_id]
+        if n < 0:
+            raise ValueError(f"{n} positions is negative")
         if n > len(seq.block_ids) * self.block_size:
             raise ValueError(f"{n} positions exceed the {len(seq.block_ids)} reserved blocks")
         seq.num_tokens = n
@@ -108,7 +110,7 @@ class PagedKVCache:
     def truncate(self, seq_id: str, n: int) -> None:
         """Keep positions [0, n); blocks wholly past n return to the pool."""
         seq = self._seqs[seq_id]
-        n = min(n, seq.num_tokens)
+        n = max(0, min(n, seq.num_tokens))
         keep = math.ceil(n / self.block_size)
         self._free.extend(reversed(seq.block_ids[keep:]))
         del seq.block_ids[keep:]
