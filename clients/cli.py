@@ -9,7 +9,7 @@ import os
 import sys
 
 from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import LocalStack
+from clients.local_stack import LocalStack, ServiceProcess
 from clients.models import resolve_pair
 from clients.types import GenerationParams
 from specmesh.wire.errors import SpecMeshError
@@ -36,6 +36,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="target model folder")
     p.add_argument("--draft-addr", default=None, help="host:port of a running draft service")
     p.add_argument("--verify-addr", default=None, help="host:port of a running verify service")
+    _add_stack_args(p)
+
+
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="Redis for the cache service (default: an "
+                   "embedded redis-server on a free port, stopped after)")
+    p.add_argument("--no-cache", action="store_true", help="run without the cache service")
+    p.add_argument("--cache-addr", default=None, help="host:port of a running cache service")
 
 
 def generation_params(args: argparse.Namespace) -> GenerationParams:
@@ -57,14 +65,16 @@ async def _generate(args: argparse.Namespace) -> int:
     target, draft = resolve_pair(args.target, args.draft)
     if args.verify_addr:
         stack = None
-        verify_addr, draft_addr = args.verify_addr, args.draft_addr
+        verify_addr, draft_addr, cache_addr = args.verify_addr, args.draft_addr, args.cache_addr
     else:
-        stack = LocalStack(target, None if not params.speculate else draft)
+        stack = LocalStack(target, None if not params.speculate else draft,
+                           cache=not args.no_cache, redis_url=args.redis_url)
         await stack.__aenter__()
-        verify_addr, draft_addr = stack.verify_addr, stack.draft_addr
+        verify_addr, draft_addr, cache_addr = stack.verify_addr, stack.draft_addr, stack.cache_addr
     try:
         async with AsyncSpecMeshClient(verify_addr, draft_addr if params.speculate else None,
-                                       tokenizer_dir=str(target)) as client:
+                                       tokenizer_dir=str(target),
+                                       cache_addr=None if args.no_cache else cache_addr) as client:
             if args.json:
                 result = await client.generate(args.prompt, params.max_new_tokens, params=params)
                 print(json.dumps(result.to_json()))
@@ -84,11 +94,43 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    """Replace this process with `python -m <service> ...` (services are never imported here)."""
-    module = SERVICE_MODULES[args.service]
+async def _up(args: argparse.Namespace) -> int:
+    """Start draft, verify, cache (embedded Redis) and the gateway; keep them until Ctrl-C."""
+    import signal
+
+    target, draft = resolve_pair(args.target, args.draft)
+    async with LocalStack(target, draft, cache=not args.no_cache,
+                          redis_url=args.redis_url) as stack:
+        gw_args = ["clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
+                   stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
+                   "--tree", args.tree]
+        if stack.cache_addr:
+            gw_args += ["--cache-addr", stack.cache_addr]
+        gateway = ServiceProcess("gateway", gw_args)
+        await gateway.start()
+        try:
+            print(json.dumps({"gateway": gateway.address, "verify": stack.verify_addr,
+                              "draft": stack.draft_addr, "cache": stack.cache_addr}), flush=True)
+            print("specmesh up: stack running; Ctrl-C to stop", file=sys.stderr, flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            gateway.stop()
+    return 0
+
+
+def _exec_module(module: str, rest: list[str]) -> int:
+    """Replace this process with `python -m module ...` (services are never imported here)."""
     os.execv(sys.executable, [sys.executable, "-m", module, *rest])
     return 0  # not reached
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """Replace this process with `python -m <service> ...` (services are never imported here)."""
+    return _exec_module(SERVICE_MODULES[args.service], rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service (flags go to it; see --help there)",
                            add_help=False)
     serve.add_argument("service", choices=sorted(SERVICE_MODULES))
+    up = sub.add_parser("up", help="start draft, verify, cache and gateway; keep them running")
+    up.add_argument("--draft", default=None)
+    up.add_argument("--target", default=None)
+    up.add_argument("--port", type=int, default=50051, help="gateway port (0 = free port)")
+    up.add_argument("--tree", default="chain:4", help="the gateway's default tree spec")
+    _add_stack_args(up)
+    sub.add_parser("bench", help="benchmark (python -m loadtest.bench; see --help there)",
+                   add_help=False)
     return parser
 
 
@@ -110,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return _serve(args, rest)
+    if args.command == "bench":
+        return _exec_module("loadtest.bench", rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command == "up":
+            return asyncio.run(_up(args))
         return asyncio.run(_generate(args))
     except (SpecMeshError, FileNotFoundError, ValueError) as exc:
         print(f"specmesh: error: {exc}", file=sys.stderr)
