@@ -14,6 +14,7 @@ from clients.async_client import AsyncSpecMeshClient
 from clients.types import GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.errors import InvalidRequest
+from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import build_server, serve_until_signal
 from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
 
@@ -40,9 +41,11 @@ def to_params(req: generate_pb2.GenerateRequest, defaults: GenerationParams) -> 
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, client: AsyncSpecMeshClient, defaults: GenerationParams | None = None):
+    def __init__(self, client: AsyncSpecMeshClient, defaults: GenerationParams | None = None,
+                 metrics: ServiceMetrics | None = None):
         self.client = client
         self.defaults = defaults or GenerationParams()
+        self.metrics = metrics or ServiceMetrics("gateway")
 
     async def Generate(self, request, context):
         params = to_params(request, self.defaults)
@@ -62,6 +65,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             msg = generate_pb2.GenerateResponse(token_ids=ev.token_ids, text=ev.text)
             if ev.result is not None:
                 s, r = ev.result.stats, ev.result
+                self.metrics.observe_tokens(len(r.token_ids), s.total_time_s)
                 msg.finish_reason = FINISH[r.finish_reason]
                 msg.matched_stop = r.matched_stop or ""
                 msg.stats.CopyFrom(generate_pb2.GenerationStats(
@@ -76,13 +80,18 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
 
 async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir: str | None,
                         port: int = 0, host: str = "127.0.0.1",
-                        defaults: GenerationParams | None = None, cache_addr: str | None = None):
+                        defaults: GenerationParams | None = None, cache_addr: str | None = None,
+                        metrics_port: int | None = None):
     """Connect the client, bind the gateway (SERVING once connected); return (server, servicer)."""
     client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr)
     await client.connect()
-    servicer = GenerateServicer(client, defaults)
+    metrics = ServiceMetrics("gateway")
+    if metrics_port is not None:
+        start_metrics_server(metrics_port, metrics)
+    servicer = GenerateServicer(client, defaults, metrics)
     server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
-                                  servicer)], [SERVICE_NAME], port=port, host=host)
+                                  servicer)], [SERVICE_NAME], port=port, host=host,
+                                interceptors=[MetricsInterceptor(metrics)])
     await server.start()
     await server.set_serving(True)
     return server, servicer
@@ -92,7 +101,8 @@ async def serve(args: argparse.Namespace) -> None:
     defaults = GenerationParams(tree=TreeSpec.parse(args.tree), adaptive=args.adaptive,
                                 speculate=args.draft_addr is not None)
     server, servicer = await start_gateway(args.verify_addr, args.draft_addr, args.tokenizer,
-                                           args.port, args.host, defaults, args.cache_addr)
+                                           args.port, args.host, defaults, args.cache_addr,
+                                           args.metrics_port)
     print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
     await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
     await servicer.client.close()
