@@ -378,24 +378,31 @@ class DeviceKernels:
         key = (dtype, head_dim)
         with self._lock:
             if key not in self._functions:
-                d = self.driver
-                program = compile_program(self.arch, dtype, head_dim)
-                self._make_current()
-                module = _check_driver(d, d.cuModuleLoadData(program.image), "cuModuleLoadData")
-                attention = _check_driver(d, d.cuModuleGetFunction(
-                    module, f"tree_attention_{dtype}_d{head_dim}".encode()), "get function")
-                combine = _check_driver(d, d.cuModuleGetFunction(
-                    module, f"tree_attention_combine_{dtype}".encode()), "get function")
                 needed = smem_bytes(head_dim)
                 if needed > self.max_smem:
                     raise UnsupportedInput(f"head_dim {head_dim} needs {needed} B shared memory")
-                if needed > 48 * 1024:  # above the default, opt in
-                    _check_driver(d, d.cuFuncSetAttribute(
-                        attention,
-                        d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        needed), "cuFuncSetAttribute")
-                self._functions[key] = (module, attention, combine)
+                program = compile_program(self.arch, dtype, head_dim)
+                try:
+                    self._functions[key] = self._load(program, dtype, head_dim, needed)
+                except CudaUnavailable:
+                    raise
+                except RuntimeError as exc:  # e.g. a driver older than NVRTC's cubins
+                    raise CudaUnavailable(f"cannot load the {self.arch} kernel: {exc}") from exc
             return self._functions[key]
+
+    def _load(self, program: CompiledProgram, dtype: str, head_dim: int, needed: int) -> tuple:
+        d = self.driver
+        self._make_current()
+        module = _check_driver(d, d.cuModuleLoadData(program.image), "cuModuleLoadData")
+        attention = _check_driver(d, d.cuModuleGetFunction(
+            module, f"tree_attention_{dtype}_d{head_dim}".encode()), "get function")
+        combine = _check_driver(d, d.cuModuleGetFunction(
+            module, f"tree_attention_combine_{dtype}".encode()), "get function")
+        if needed > 48 * 1024:  # above the default, opt in
+            _check_driver(d, d.cuFuncSetAttribute(
+                attention, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                needed), "cuFuncSetAttribute")
+        return module, attention, combine
 
     def _launch(self, function, grid, block: int, smem: int, args: list) -> None:
         d = self.driver
@@ -419,7 +426,12 @@ def device_kernels(index: int) -> DeviceKernels:
     """The per-device module cache (one DeviceKernels per GPU index)."""
     if not torch.cuda.is_available():
         raise CudaUnavailable("torch sees no CUDA device")
-    return DeviceKernels(index)
+    try:
+        return DeviceKernels(index)
+    except CudaUnavailable:
+        raise
+    except RuntimeError as exc:  # the driver API is unusable from cuda-python here
+        raise CudaUnavailable(f"CUDA driver unavailable: {exc}") from exc
 
 
 def tree_attention_cuda(
