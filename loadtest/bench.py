@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import re
 import sys
@@ -100,6 +101,14 @@ def _specs(args: argparse.Namespace) -> list[SpecConfig]:
     return unique or [SpecConfig(TreeSpec("chain", chain_length=4))]
 
 
+def _load_average() -> float:
+    """1-minute load average (0.0 where the OS has none): the machine may be shared."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -114,14 +123,15 @@ def run(args: argparse.Namespace) -> int:
     num_needed = max(args.num_prompts, max(concurrencies))
     prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), _load_average()
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, _log))
     if not args.no_hf:
         from loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
         runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens, _log)
-    _log(f"done in {time.perf_counter() - started:.0f} s")
+    elapsed, load_after = time.perf_counter() - started, _load_average()
+    _log(f"done in {elapsed:.0f} s")
 
     rows = sorted((r.row for r in runs), key=lambda r: (r.system != "specmesh", r.kind != TARGET,
                                                         r.tree, r.concurrency))
@@ -134,12 +144,15 @@ def run(args: argparse.Namespace) -> int:
               by_name[f"spec/target c={hi} [{name}]"] >= SPEED_OK
               for name in names if f"spec/target c={hi} [{name}]" in by_name}
     title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
-             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts")
+             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts, "
+             f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}, "
+             f"{elapsed:.0f} s")
     report = format_report(title, rows, ratios, check, checks)
     if args.json:
         config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
                   "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
-                  "trees": names, "hf": not args.no_hf}
+                  "trees": names, "hf": not args.no_hf, "cpu_count": os.cpu_count(),
+                  "load_average": [load_before, load_after], "elapsed_s": elapsed}
         print(report, file=sys.stderr, flush=True)
         print(json.dumps(to_json(config, rows, ratios, check, checks)), flush=True)
     else:
