@@ -10,29 +10,29 @@ from draft_service.engine import DraftEngine
 from draft_service.servicer import DraftServicer
 from kernels import load_model
 from specmesh.v1 import draft_pb2, draft_pb2_grpc
-from specmesh.wire.engine_worker import EngineWorker
-from specmesh.wire.model_service import ServicerProxy, run, run_model_service
+from specmesh.wire.metrics import ServiceMetrics
+from specmesh.wire.model_service import ServicerProxy, make_batcher, run, run_model_service
 from specmesh.wire.prefix_cache import make_prefix_cache
 from specmesh.wire.service_config import ModelServiceConfig, parse_service_args
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
-async def build_servicer(config: ModelServiceConfig) -> DraftServicer:
+async def build_servicer(config: ModelServiceConfig,
+                        metrics: ServiceMetrics | None = None) -> DraftServicer:
     """Load the draft model (off the event loop) and wrap it in a batched servicer."""
     loaded = await asyncio.to_thread(load_model, config.model, getattr(torch, config.dtype),
                                      config.device)
     engine = DraftEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
-    worker = EngineWorker(engine.propose_batch, lambda item: item.cost,
-                          config.max_batch_tokens, config.max_wait_ms)
+    worker = make_batcher(engine.propose_batch, config, metrics)
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
                                lambda *args: worker.call(engine.export_prefix, *args))
-    return DraftServicer(engine, worker, prefix)
+    return DraftServicer(engine, worker, prefix, metrics)
 
 
 async def serve(config: ModelServiceConfig) -> None:
     await run_model_service(config, SERVICE_NAME, draft_pb2_grpc.add_DraftServiceServicer_to_server,
-                            lambda: build_servicer(config), ServicerProxy())
+                            lambda metrics: build_servicer(config, metrics), ServicerProxy())
 
 
 def main(argv: list[str] | None = None) -> None:

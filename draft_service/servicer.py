@@ -5,8 +5,9 @@ from __future__ import annotations
 from draft_service.engine import DraftEngine, ProposeItem
 from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from specmesh.wire.metrics import ServiceMetrics
 from specmesh.wire.codec import encode_sparse, model_info
-from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.batcher import DynamicBatcher
 from specmesh.wire.prefix_cache import PrefixCache
 from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
 
@@ -24,10 +25,11 @@ def to_item(req: draft_pb2.ProposeRequest) -> ProposeItem:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, engine: DraftEngine, worker: EngineWorker,
-                 prefix: PrefixCache | None = None):
+    def __init__(self, engine: DraftEngine, worker: DynamicBatcher,
+                 prefix: PrefixCache | None = None, metrics: ServiceMetrics | None = None):
         self.engine = engine
         self.worker = worker
+        self.metrics = metrics
         self.prefix = prefix  # prefix KV through the cache service; None = off
 
     async def Propose(self, request, context):
@@ -38,6 +40,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             result = await self.worker.submit(item)
         else:
             result = await self.prefix.submit(self.worker.submit, item)
+        if self.metrics is not None:
+            self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
+                                       self.engine.kv.num_free_blocks)
+            self.metrics.set_queue_depth(self.worker.queue_depth)
         empty = common_pb2.SparseDistribution()
         return draft_pb2.ProposeResponse(
             tree=common_pb2.TokenTree(tokens=result.tokens, parents=result.parents),

@@ -5,9 +5,10 @@ from __future__ import annotations
 from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from specmesh.wire.codec import decode_sparse, model_info
-from specmesh.wire.engine_worker import EngineWorker
+from specmesh.wire.batcher import DynamicBatcher
 from specmesh.wire.prefix_cache import PrefixCache
 from specmesh.wire.errors import InvalidRequest
+from specmesh.wire.metrics import ServiceMetrics
 from specmesh.wire.tree_spec import sampling_from_proto
 from verify_service.engine import VerifyEngine, VerifyItem
 
@@ -44,10 +45,11 @@ def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, engine: VerifyEngine, worker: EngineWorker,
-                 prefix: PrefixCache | None = None):
+    def __init__(self, engine: VerifyEngine, worker: DynamicBatcher,
+                 prefix: PrefixCache | None = None, metrics: ServiceMetrics | None = None):
         self.engine = engine
         self.worker = worker
+        self.metrics = metrics
         self.prefix = prefix  # prefix KV through the cache service; None = off
 
     async def Verify(self, request, context):
@@ -58,6 +60,11 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             result = await self.worker.submit(item)
         else:
             result = await self.prefix.submit(self.worker.submit, item)
+        if self.metrics is not None:
+            self.metrics.observe_round(len(item.tree_tokens), result.num_accepted_draft_tokens)
+            self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
+                                       self.engine.kv.num_free_blocks)
+            self.metrics.set_queue_depth(self.worker.queue_depth)
         return verify_pb2.VerifyResponse(
             tokens=result.tokens,
             num_accepted_draft_tokens=result.num_accepted_draft_tokens,

@@ -6,6 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from specmesh.wire.batcher import DynamicBatcher
+from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import Server, build_server, serve_until_signal
 from specmesh.wire.service_config import ModelServiceConfig
 
@@ -16,17 +18,22 @@ async def run_model_service(
     config: ModelServiceConfig,
     service_name: str,
     add_to_server: Callable,
-    make_servicer: Callable[[], Awaitable[object]],
+    make_servicer: Callable[[ServiceMetrics], Awaitable[object]],
     servicer_holder: "ServicerProxy",
     on_started: Callable[[Server], None] | None = None,
 ) -> None:
     """Bind (health NOT_SERVING), build the servicer (loads the model), report SERVING, run
-    until SIGINT/SIGTERM, stop gracefully."""
+    until SIGINT/SIGTERM, stop gracefully. Metrics on `config.metrics_port` when set."""
+    metrics = ServiceMetrics(service_name.rsplit(".", 1)[-1])
+    if config.metrics_port is not None:
+        port = start_metrics_server(config.metrics_port, metrics)
+        print(f"metrics on :{port}/metrics", flush=True)
     server = await build_server([(add_to_server, servicer_holder)], [service_name],
-                                port=config.port, host=config.host)
+                                port=config.port, host=config.host,
+                                interceptors=[MetricsInterceptor(metrics)])
     await server.start()
     print(f"{service_name} listening on {config.host}:{server.port}", flush=True)
-    servicer_holder.target = await make_servicer()
+    servicer_holder.target = await make_servicer(metrics)
     await server.set_serving(True)
     if on_started:
         on_started(server)
@@ -34,6 +41,17 @@ async def run_model_service(
     closer = getattr(servicer_holder.target, "close", None)
     if closer is not None:
         await closer()
+
+
+def make_batcher(run_batch: Callable[[list], list], config: ModelServiceConfig,
+                 metrics: ServiceMetrics | None) -> DynamicBatcher:
+    """The engine's batcher: items cost their tokens; a lone caller runs at once, callers that
+    arrive together wait up to max_wait_ms for each other."""
+    return DynamicBatcher(run_batch, cost=lambda item: item.cost,
+                          max_batch_tokens=config.max_batch_tokens,
+                          max_wait_ms=config.max_wait_ms,
+                          on_batch=metrics.observe_batch if metrics else None,
+                          wait_only_when_busy=True)
 
 
 class ServicerProxy:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 # (seq_id, token_ids, chunk_size, start_chunk, end_chunk) -> one array per chunk, or [] when the
-# sequence no longer holds those tokens; runs on the engine thread (see `EngineWorker.call`)
+# sequence no longer holds those tokens; runs on the engine thread (see `DynamicBatcher.call`)
 ExportChunks = Callable[[str, list[int], int, int, int], Awaitable[list[np.ndarray]]]
 
 
