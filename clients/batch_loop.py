@@ -150,7 +150,11 @@ class BatchLoop:
                 self.scheduler.reset_remote(seq_id, "target")  # evicted: resend full context
                 return False
             if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                # preempt by recompute (as vLLM does): free its KV so the others can finish,
+                # and resend the full context when it is admitted again
                 self.scheduler.requeue(seq_id)
+                self.scheduler.reset_remote(seq_id, "both")
+                asyncio.get_running_loop().create_task(self._release([seq_id]))
                 return True
             self.scheduler.finish(seq_id, "error")
             ctx.sink(error_from_rpc(reply))

@@ -63,6 +63,10 @@ class SequenceStore:
     def reserve(self, seq_id: str, num_positions: int, keep: set[str]) -> NoRoom | None:
         """Reserve KV for positions [0, num_positions); when full, evict sequences idle for
         longer than `idle_evict_s` (never those in `keep`) and try once more."""
+        blocks = -(-num_positions // self.kv.block_size)
+        if blocks > self.kv.num_blocks:
+            raise FieldError("header.new_tokens", f"the sequence needs {blocks} KV blocks but the "
+                             f"whole cache holds {self.kv.num_blocks} (raise --kv-cache-mb)")
         if self.kv.reserve(seq_id, num_positions) is None:
             return None
         self.forget_evicted(self.kv.evict_idle(self.idle_evict_s, keep=keep))
