@@ -26,7 +26,7 @@ async def build_servicer(config: ModelServiceConfig,
     engine = DraftEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
     worker = make_batcher(engine.propose_batch, config, metrics)
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
-                               lambda *args: worker.call(engine.export_prefix, *args))
+                               lambda *args: worker.call(engine.export_prefix, *args), metrics)
     return DraftServicer(engine, worker, prefix, metrics)
 
 

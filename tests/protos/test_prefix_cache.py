@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specmesh.wire.metrics import ServiceMetrics
 from specmesh.wire.prefix_cache import PrefixCache, make_prefix_cache
 
 CHUNK = 4
@@ -40,7 +41,8 @@ class Item:
     prefix_chunks: tuple = ()
 
 
-def make(client, export=None, gate: asyncio.Event | None = None) -> tuple[PrefixCache, list]:
+def make(client, export=None, gate: asyncio.Event | None = None,
+         metrics: ServiceMetrics | None = None) -> tuple[PrefixCache, list]:
     calls = []
 
     async def default_export(seq_id, tokens, chunk_size, start, end):
@@ -49,12 +51,13 @@ def make(client, export=None, gate: asyncio.Event | None = None) -> tuple[Prefix
             await gate.wait()
         return [np.zeros((1, 2, chunk_size, 1, 1), np.float32)] * (end - start)
 
-    return PrefixCache(client, "fp", CHUNK, export or default_export), calls
+    return PrefixCache(client, "fp", CHUNK, export or default_export, metrics), calls
 
 
 async def test_new_sequence_loads_then_stores_the_rest():
     client = FakeClient(cached_chunks=2)
-    prefix, exports = make(client)
+    metrics = ServiceMetrics("verify")
+    prefix, exports = make(client, metrics=metrics)
     seen = []
 
     async def submit(item):
@@ -67,6 +70,12 @@ async def test_new_sequence_loads_then_stores_the_rest():
     assert exports == [("s", 2, 4)] and client.puts == [(2, 2)]
     s = prefix.stats
     assert (s.lookups, s.hits, s.misses, s.tokens_loaded, s.chunks_stored) == (1, 1, 0, 8, 2)
+    await prefix.load(0, [7] * 8)  # the fake has 2 chunks for everything: a second hit
+    client.cached_chunks = 0
+    await prefix.load(0, [7] * 8)
+    for result, count in (("hit", 2), ("miss", 1)):
+        assert metrics.registry.get_sample_value("specmesh_cache_requests_total", {
+            "service": "verify", "kind": "prefix", "result": result}) == count
 
 
 async def test_running_or_short_sequences_never_touch_the_cache():

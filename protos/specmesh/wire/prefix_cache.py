@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from specmesh.wire.cache_client import CacheClient
+from specmesh.wire.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -55,13 +56,14 @@ class PrefixCache:
     """Loads and stores one model's prefix-KV chunks (keys salted with its `fingerprint`)."""
 
     def __init__(self, client: CacheClient, fingerprint: str, chunk_size: int,
-                 export: ExportChunks):
+                 export: ExportChunks, metrics: ServiceMetrics | None = None):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size {chunk_size} must be positive")
         self.client = client
         self.fingerprint = fingerprint
         self.chunk_size = chunk_size
         self.stats = PrefixStats()
+        self.metrics = metrics  # counts each lookup as specmesh_cache_requests{kind="prefix"}
         self._export = export
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[tuple[int, int]] = set()  # (num_tokens, hash) of prefixes storing
@@ -75,7 +77,8 @@ class PrefixCache:
         self.store_later(item.seq_id, item.num_cached_tokens, item.new_tokens, len(chunks))
         return result
 
-    async def load(self, num_cached_tokens: int, token_ids: Sequence[int]) -> tuple[np.ndarray, ...]:
+    async def load(self, num_cached_tokens: int,
+                   token_ids: Sequence[int]) -> tuple[np.ndarray, ...]:
         """The cached leading chunks of a new sequence (`num_cached_tokens == 0`), else ()."""
         if num_cached_tokens != 0 or len(token_ids) < self.chunk_size:
             return ()
@@ -88,6 +91,8 @@ class PrefixCache:
         if arrays:
             s.hits += 1
             s.tokens_loaded += len(arrays) * self.chunk_size
+        if self.metrics is not None:
+            self.metrics.observe_cache("prefix", bool(arrays))
         log.debug("prefix %s: %d of %d tokens cached (%.1f ms); %d hits / %d lookups",
                   "hit" if arrays else "miss", len(arrays) * self.chunk_size, len(token_ids),
                   1e3 * elapsed, s.hits, s.lookups)
@@ -142,8 +147,9 @@ class PrefixCache:
 
 
 def make_prefix_cache(cache_addr: str | None, fingerprint: str, chunk_size: int,
-                      export: ExportChunks) -> PrefixCache | None:
+                      export: ExportChunks,
+                      metrics: ServiceMetrics | None = None) -> PrefixCache | None:
     """A PrefixCache for a service configured with `cache_addr`; None when it has none."""
     if not cache_addr:
         return None
-    return PrefixCache(CacheClient(cache_addr), fingerprint, chunk_size, export)
+    return PrefixCache(CacheClient(cache_addr), fingerprint, chunk_size, export, metrics)
