@@ -25,7 +25,7 @@ import time
 from clients.models import resolve_pair
 from clients.tokenizer import TextCodec
 from loadtest.bench_report import format_report, to_json, write_plot
-from loadtest.bench_results import SPEC, TARGET, check_outputs, compute_ratios
+from loadtest.bench_results import TARGET, ModeRun, check_outputs, compute_ratios
 from loadtest.bench_stack import SpecConfig, run_stack
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several configs: chain:4,static:4,2,2,1,dynamic:16 (+adaptive suffix)")
     p.add_argument("--target", default=None, help="target model folder or name")
     p.add_argument("--draft", default=None, help="draft model folder or name")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/OpenMP threads for every model process (the services and the "
+                        "in-process HF runs), via OMP_NUM_THREADS; default: torch's default")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--json", action="store_true", help="print one JSON object (table to stderr)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
@@ -113,23 +116,39 @@ def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens <= 0 or args.num_prompts <= 0:
-        raise ValueError("--max-new-tokens and --num-prompts must be >= 1")
-    target, draft = resolve_pair(args.target, args.draft)
-    specs = _specs(args)
-    concurrencies = sorted(set(args.concurrency))
+def _apply_threads(threads: int | None) -> None:
+    """OMP_NUM_THREADS is read by torch at import: the service subprocesses inherit it, and this
+    process has not imported torch yet (the HF baselines import it after our stack stops)."""
+    if threads is None:
+        return
+    if threads <= 0:
+        raise ValueError("--threads must be >= 1")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path,
+             specs: list[SpecConfig], concurrencies: list[int]) -> list[ModeRun]:
+    """Our stack at every level, then (stack stopped) the HF baselines on the first prompts."""
     codec = TextCodec(target)
     num_needed = max(args.num_prompts, max(concurrencies))
     prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
-
-    started, load_before = time.perf_counter(), _load_average()
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, _log))
     if not args.no_hf:
         from loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
         runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens, _log)
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens <= 0 or args.num_prompts <= 0:
+        raise ValueError("--max-new-tokens and --num-prompts must be >= 1")
+    _apply_threads(args.threads)
+    target, draft = resolve_pair(args.target, args.draft)
+    specs, concurrencies = _specs(args), sorted(set(args.concurrency))
+    started, load_before = time.perf_counter(), _load_average()
+    runs = _measure(args, target, draft, specs, concurrencies)
     elapsed, load_after = time.perf_counter() - started, _load_average()
     _log(f"done in {elapsed:.0f} s")
 
@@ -145,14 +164,15 @@ def run(args: argparse.Namespace) -> int:
               for name in names if f"spec/target c={hi} [{name}]" in by_name}
     title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
              f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts, "
-             f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}, "
-             f"{elapsed:.0f} s")
+             f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
+             f"load average {load_before:.1f} -> {load_after:.1f}, {elapsed:.0f} s")
     report = format_report(title, rows, ratios, check, checks)
     if args.json:
         config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
                   "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
-                  "trees": names, "hf": not args.no_hf, "cpu_count": os.cpu_count(),
-                  "load_average": [load_before, load_after], "elapsed_s": elapsed}
+                  "trees": names, "hf": not args.no_hf, "threads": args.threads,
+                  "cpu_count": os.cpu_count(), "load_average": [load_before, load_after],
+                  "elapsed_s": elapsed}
         print(report, file=sys.stderr, flush=True)
         print(json.dumps(to_json(config, rows, ratios, check, checks)), flush=True)
     else:

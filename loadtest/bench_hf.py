@@ -75,11 +75,13 @@ def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
 def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
            max_new_tokens: int, log: Callable[[str], None]) -> list[ModeRun]:
     """HF target-only then HF assisted, each over all prompts in order."""
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    log(f"HF transformers {transformers.__version__}: loading {target.name} and {draft.name}")
+    log(f"HF transformers {transformers.__version__}, {torch.get_num_threads()} torch threads: "
+        f"loading {target.name} and {draft.name}")
     target_model, draft_model = _load(target), _load(draft)
     runs = []
     for kind, assistant in ((HF_TARGET, None), (HF_ASSISTED, draft_model)):
