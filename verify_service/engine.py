@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from kernels.loader import LoadedModel
-from kernels.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
-from kernels.runner import ForwardItem, ModelRunner
+from kernels.prefix_kv import num_prefix_tokens, seed_prefix
+from kernels.runner import ForwardItem
 from kernels.sampling import (Acceptance, SamplingConfig, greedy_accept, tree_rejection_sample,
                               warp_logits_to_probs)
 from kernels.seeding import round_generator
-from kernels.sequences import SequenceStore
+from kernels.sequence_engine import SequenceEngine
 from kernels.tree import TreeBuffers, compile_tree
 from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
 
@@ -62,25 +62,10 @@ class _Prepared:
     tree: TreeBuffers | None
 
 
-class VerifyEngine:
-    """Owns the target model, its KV cache and the per-sequence token lists."""
-
+class VerifyEngine(SequenceEngine):
     def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 1024, block_size: int = 16,
                  idle_evict_s: float = 60.0):
-        self.loaded = loaded
-        self.sequences = SequenceStore.for_model(loaded, kv_cache_mb, block_size, idle_evict_s)
-        self.kv = self.sequences.kv
-        self.runner = ModelRunner(loaded, self.kv)
-
-    def release(self, seq_ids: list[str]) -> int:
-        return self.sequences.release(seq_ids)
-
-    def export_prefix(self, seq_id: str, token_ids: list[int], chunk_size: int,
-                      start_chunk: int, end_chunk: int) -> list[np.ndarray]:
-        """KV chunks [start_chunk, end_chunk) of a sequence for the prefix cache (see
-        `kernels.prefix_kv.export_prefix`)."""
-        return export_prefix(self.sequences, seq_id, token_ids, chunk_size, start_chunk,
-                             end_chunk)
+        super().__init__(loaded, kv_cache_mb, block_size, idle_evict_s)
 
     # -- one batch -------------------------------------------------------------------------
     def verify_batch(self, items: list[VerifyItem]) -> list[VerifyResult | Exception]:
