@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=8,
                    help="requests per level at least, and the HF runs' prompts (default 8)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternate the modes of each level this many times and pool them "
+                        "(steadier numbers on a shared machine; default 1)")
     p.add_argument("--tree", type=parse_specs, default=None,
                    help="speculative tree config (default chain:4)")
     p.add_argument("--trees", type=parse_specs, default=None,
@@ -133,17 +136,18 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     num_needed = max(args.num_prompts, max(concurrencies))
     prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
-                                 args.max_new_tokens, args.num_prompts, _log))
+                                 args.max_new_tokens, args.num_prompts, args.repeats, _log))
     if not args.no_hf:
         from loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
-        runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens, _log)
+        runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens,
+                       args.repeats, _log)
     return runs
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens <= 0 or args.num_prompts <= 0:
-        raise ValueError("--max-new-tokens and --num-prompts must be >= 1")
+    if min(args.max_new_tokens, args.num_prompts, args.repeats) <= 0:
+        raise ValueError("--max-new-tokens, --num-prompts and --repeats must be >= 1")
     _apply_threads(args.threads)
     target, draft = resolve_pair(args.target, args.draft)
     specs, concurrencies = _specs(args), sorted(set(args.concurrency))
@@ -163,13 +167,14 @@ def run(args: argparse.Namespace) -> int:
               by_name[f"spec/target c={hi} [{name}]"] >= SPEED_OK
               for name in names if f"spec/target c={hi} [{name}]" in by_name}
     title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
-             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts, "
+             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts x {args.repeats}, "
              f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
              f"load average {load_before:.1f} -> {load_after:.1f}, {elapsed:.0f} s")
     report = format_report(title, rows, ratios, check, checks)
     if args.json:
         config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
                   "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
+                  "repeats": args.repeats,
                   "trees": names, "hf": not args.no_hf, "threads": args.threads,
                   "cpu_count": os.cpu_count(), "load_average": [load_before, load_after],
                   "elapsed_s": elapsed}

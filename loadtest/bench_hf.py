@@ -73,8 +73,9 @@ def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
 
 
 def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
-           max_new_tokens: int, log: Callable[[str], None]) -> list[ModeRun]:
-    """HF target-only then HF assisted, each over all prompts in order."""
+           max_new_tokens: int, repeats: int, log: Callable[[str], None]) -> list[ModeRun]:
+    """HF target-only and HF assisted, each over all prompts in order, alternating `repeats`
+    times (requests and wall times pooled per mode)."""
     import torch
     import transformers
 
@@ -83,14 +84,20 @@ def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
     log(f"HF transformers {transformers.__version__}, {torch.get_num_threads()} torch threads: "
         f"loading {target.name} and {draft.name}")
     target_model, draft_model = _load(target), _load(draft)
-    runs = []
-    for kind, assistant in ((HF_TARGET, None), (HF_ASSISTED, draft_model)):
+    modes = ((HF_TARGET, None), (HF_ASSISTED, draft_model))
+    pooled = {kind: ([], 0.0) for kind, _ in modes}
+    for kind, assistant in modes:
         _generate(target_model, prompts[0], WARMUP_TOKENS, assistant)
-        start = time.perf_counter()
-        samples = [_timed(target_model, i, p, max_new_tokens, assistant)
-                   for i, p in enumerate(prompts)]
-        run = summarise("hf", kind, draft.name if assistant is not None else "", 1, samples,
-                        time.perf_counter() - start)
+    for _ in range(repeats):
+        for kind, assistant in modes:
+            start = time.perf_counter()
+            samples = [_timed(target_model, i, p, max_new_tokens, assistant)
+                       for i, p in enumerate(prompts)]
+            pooled[kind] = (pooled[kind][0] + samples,
+                            pooled[kind][1] + time.perf_counter() - start)
+    runs = []
+    for kind, (samples, wall) in pooled.items():
+        run = summarise("hf", kind, draft.name if kind == HF_ASSISTED else "", 1, samples, wall)
         log(f"{run.row.label}: {len(samples)} requests, {run.row.tokens_per_s:.1f} tok/s")
         runs.append(run)
     return runs

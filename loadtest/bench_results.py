@@ -63,10 +63,10 @@ class BenchRow:
 
 @dataclass
 class ModeRun:
-    """One timed run: its row and the generated ids per prompt index."""
+    """One mode at one concurrency: its row and the requests behind it."""
 
     row: BenchRow
-    outputs: dict[int, list[int]]
+    samples: list[RequestSample]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarise(system: str, kind: str, tree: str, concurrency: int,
               samples: list[RequestSample], wall_s: float) -> ModeRun:
+    """Aggregate requests; wall_s is the time they took together (summed over repeats)."""
     num_tokens = sum(len(s.token_ids) for s in samples)
     num_rounds = sum(s.num_rounds for s in samples)
     latencies = [s.latency_s for s in samples]
@@ -117,7 +118,7 @@ def summarise(system: str, kind: str, tree: str, concurrency: int,
         mean_accepted_per_round=(sum(s.num_accepted for s in samples) / num_rounds
                                  if kind in (SPEC, HF_ASSISTED) and num_rounds else None),
         tokens_per_round=num_tokens / num_rounds if num_rounds else 0.0)
-    return ModeRun(row, {s.prompt_index: s.token_ids for s in samples})
+    return ModeRun(row, samples)
 
 
 def _find(rows: list[BenchRow], kind: str, concurrency: int, tree: str = "") -> BenchRow | None:
@@ -172,12 +173,12 @@ def check_outputs(runs: list[ModeRun], max_new_tokens: int) -> OutputCheck:
     reference: dict[int, tuple[str, list[int]]] = {}
     for run in runs:
         if run.row.kind == TARGET:
-            for i, ids in run.outputs.items():
-                reference.setdefault(i, (run.row.label, ids))
+            for s in run.samples:
+                reference.setdefault(s.prompt_index, (run.row.label, s.token_ids))
     category = {TARGET: "batching", SPEC: "spec_vs_target", HF_TARGET: "hf_vs_ours",
                 HF_ASSISTED: "hf_assisted_vs_ours"}
     for run in runs:
-        for i, ids in sorted(run.outputs.items()):
+        for i, ids in ((s.prompt_index, s.token_ids) for s in run.samples):
             if len(ids) != max_new_tokens:
                 check.counts["short"] += 1
                 check.details.append(f"{run.row.label} prompt {i}: {len(ids)} tokens, "

@@ -68,9 +68,11 @@ async def timed_request(client: AsyncSpecMeshClient, prompt_index: int, prompt_i
 
 
 async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[list[int]],
-                    concurrency: int, num_requests: int, max_new_tokens: int) -> ModeRun:
+                    concurrency: int, num_requests: int,
+                    max_new_tokens: int) -> tuple[list[RequestSample], float]:
     """`num_requests` requests (prompt i for request i), `concurrency` in flight at a time
-    (closed loop: each worker starts its next request when the last one ends)."""
+    (closed loop: each worker starts its next request when the last one ends).
+    Returns the samples and the wall time of the whole level."""
     params = mode.params(max_new_tokens)
     todo = iter(range(num_requests))  # shared by the workers
     samples: list[RequestSample] = []
@@ -81,15 +83,15 @@ async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return summarise("specmesh", mode.kind, mode.tree, concurrency, samples, wall)
+    return samples, time.perf_counter() - start
 
 
 async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
                     concurrencies: list[int], specs: list[SpecConfig], max_new_tokens: int,
-                    num_prompts: int, log: Callable[[str], None]) -> list[ModeRun]:
-    """Every mode at every concurrency (concurrency outer, so modes compared at one level run
-    close together in time). A level runs max(c, num_prompts) requests."""
+                    num_prompts: int, repeats: int, log: Callable[[str], None]) -> list[ModeRun]:
+    """Every mode at every concurrency. A level runs max(c, num_prompts) requests; concurrency
+    is the outer loop and the modes alternate `repeats` times within it, so a noisy stretch of
+    time hits the modes being compared alike (their requests and wall times are pooled)."""
     modes = [StackMode(TARGET)] + [StackMode(SPEC, s) for s in specs]
     runs = []
     log(f"starting stack: target {target.name}, draft {draft.name}")
@@ -98,9 +100,14 @@ async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[lis
         for mode in modes:  # warm-up: one short request per mode
             await timed_request(client, 0, prompts[0], mode.params(WARMUP_TOKENS))
         for c in concurrencies:
-            for mode in modes:
-                n = max(c, num_prompts)
-                run = await run_level(client, mode, prompts, c, n, max_new_tokens)
-                log(f"{run.row.label}: {n} requests, {run.row.tokens_per_s:.1f} tok/s")
+            pooled = {mode: ([], 0.0) for mode in modes}  # mode -> (samples, wall_s)
+            for _ in range(repeats):
+                for mode in modes:
+                    samples, wall = await run_level(client, mode, prompts, c,
+                                                    max(c, num_prompts), max_new_tokens)
+                    pooled[mode] = (pooled[mode][0] + samples, pooled[mode][1] + wall)
+            for mode, (samples, wall) in pooled.items():
+                run = summarise("specmesh", mode.kind, mode.tree, c, samples, wall)
+                log(f"{run.row.label}: {len(samples)} requests, {run.row.tokens_per_s:.1f} tok/s")
                 runs.append(run)
     return runs

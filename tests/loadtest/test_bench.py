@@ -80,7 +80,7 @@ def test_bench_tiny_pair_end_to_end(models, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--target", str(models / TINY_TARGET),
          "--draft", str(models / TINY_DRAFT), "--concurrency", "1,2", "--max-new-tokens", "16",
-         "--num-prompts", "2", "--json", "--plot", str(plot)],
+         "--num-prompts", "2", "--repeats", "2", "--json", "--plot", str(plot)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout)
@@ -89,6 +89,7 @@ def test_bench_tiny_pair_end_to_end(models, tmp_path):
                      ("specmesh spec chain:4", 1), ("specmesh spec chain:4", 2),
                      ("hf target-only", 1), ("hf assisted", 1)}
     for row in out["rows"]:
+        assert row["num_requests"] == 2 * 2  # max(c, num_prompts) x repeats
         assert row["num_tokens"] == 16 * row["num_requests"] and row["tokens_per_s"] > 0
         assert row["latency_p95_s"] >= row["latency_p50_s"] >= row["ttft_p50_s"] > 0
     assert set(out["ratios"]) >= {"spec/target c=1 [chain:4]", "target-only c=2/c=1",
