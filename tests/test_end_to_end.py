@@ -67,3 +67,14 @@ async def test_concurrent_requests_match_their_target_only_output(models):
                                 ignore_eos=True)
                 for i, p in enumerate(prompts)))
     assert [r.token_ids for r in together] == [r.token_ids for r in solo]
+
+
+async def test_adaptive_speculation_keeps_the_output(models, hf_reference):
+    """Adaptive budgets change how much is drafted per round, never which tokens come out."""
+    async with spec_stack(models / TINY_TARGET, models / TINY_DRAFT) as (verify, draft):
+        async with AsyncSpecMeshClient(verify, draft, str(models / TINY_TARGET)) as client:
+            for prompt in PROMPTS[:2]:
+                out = await client.generate(prompt, 40, tree="chain:6", adaptive=True,
+                                            ignore_eos=True)
+                assert out.token_ids == hf_reference[prompt]
+                assert out.stats.num_rounds < 40  # it did speculate
