@@ -16,6 +16,16 @@ from kernels.config import ModelConfig
 from kernels.tree_attention import tree_attention
 
 
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> [T, out], as `layer(x)`. On CPU computed as weight @ x^T: MKL's GEMM is
+    2-2.5x faster for the few-row inputs of decoding and verification (T = 2..17) in that
+    orientation, and no slower for large T."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return layer(x)
+    out = torch.mm(layer.weight, x.t()).t()  # [T, out]
+    return out + layer.bias if layer.bias is not None else out
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -72,9 +82,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         q_dim, kv_dim = self.q_proj.out_features, self.k_proj.out_features
-        return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        return project(self.qkv_proj, x).split([q_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,7 +100,7 @@ class Attention(nn.Module):
         flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
         flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
         out = tree_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return project(self.o_proj, out.reshape(num_tokens, -1))
 
 
 class MLP(nn.Module):
@@ -110,9 +120,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, ffn] each
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        else:
+            gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)  # [T, ffn] each
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -174,4 +185,4 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, k_pool[i], v_pool[i], meta)
         if logits_indices is not None:
             x = x[logits_indices]  # [M, hidden]
-        return self.lm_head(self.model.norm(x)).float()  # [M, vocab]
+        return project(self.lm_head, self.model.norm(x)).float()  # [M, vocab]
