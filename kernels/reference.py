@@ -38,7 +38,11 @@ def _padded_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor,
     kv_pos = torch.arange(meta.max_seq_len, device=device)  # [L]
     blocks = meta.block_tables.long()[:, kv_pos // meta.block_size]  # [B, L]
     kv_slots = blocks * meta.block_size + kv_pos % meta.block_size  # [B, L]
-    layout = (local, kv_slots, torch.tensor(q_max))
+    mask_pad = torch.zeros(meta.num_seqs, q_max, meta.max_seq_len, dtype=torch.bool,
+                           device=device)  # [B, Qmax, L]
+    mask_pad[:, :, 0] = True  # padding rows attend somewhere (their output is discarded)
+    mask_pad[meta.q_seq_idx, local] = dense_mask(meta)
+    layout = (local, kv_slots, q_max, mask_pad[:, None])  # mask [B, 1, Qmax, L]
     meta._dense["layout"] = layout
     return layout
 
@@ -53,23 +57,23 @@ def tree_attention_reference(
     """Attention of every packed query over its sequence's visible KV positions (see metadata)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    local, kv_slots, q_max_t = _padded_layout(meta)
-    q_max = int(q_max_t)
+    local, kv_slots, q_max, mask_pad = _padded_layout(meta)
     batch = meta.num_seqs
-    mask = dense_mask(meta)  # [T, L]
     k = k_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
     v = v_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
-    q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
-    q_pad[meta.q_seq_idx, local] = q
-    mask_pad = torch.zeros(batch, q_max, meta.max_seq_len, dtype=torch.bool, device=q.device)
-    mask_pad[:, :, 0] = True  # padding rows attend somewhere (their output is discarded)
-    mask_pad[meta.q_seq_idx, local] = mask
+    if batch == 1:
+        q_pad = q[None]  # [1, T, H, D]: a single sequence needs no padding
+    else:
+        q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
+        q_pad[meta.q_seq_idx, local] = q
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2),  # [B, H, Qmax, D]
         k.transpose(1, 2),  # [B, Hkv, L, D]
         v.transpose(1, 2),
-        attn_mask=mask_pad[:, None],  # [B, 1, Qmax, L]
+        attn_mask=mask_pad,  # [B, 1, Qmax, L]
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
     )  # [B, H, Qmax, D]
+    if batch == 1:
+        return out[0].transpose(0, 1)  # [T, H, D]
     return out.transpose(1, 2)[meta.q_seq_idx, local]  # [T, H, D]
