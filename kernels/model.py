@@ -13,17 +13,8 @@ from torch import nn
 
 from kernels.attention_metadata import AttentionMetadata
 from kernels.config import ModelConfig
+from kernels.linear import pack_linear, project
 from kernels.tree_attention import tree_attention
-
-
-def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x [T, in] -> [T, out], as `layer(x)`. On CPU computed as weight @ x^T: MKL's GEMM is
-    2-2.5x faster for the few-row inputs of decoding and verification (T = 2..17) in that
-    orientation, and no slower for large T."""
-    if x.device.type != "cpu" or x.dim() != 2:
-        return layer(x)
-    out = torch.mm(layer.weight, x.t()).t()  # [T, out]
-    return out + layer.bias if layer.bias is not None else out
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, dim]
+        if x.dtype == torch.float32:  # one fused op; HF's formula below up to rounding
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,6 +40,22 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class RopeTable:
+    """cos/sin rows for positions [0, max_positions), computed once (as `rope_cos_sin` would)."""
+
+    def __init__(self, max_positions: int, head_dim: int, theta: float, dtype: torch.dtype,
+                 device: torch.device):
+        self.head_dim, self.theta = head_dim, theta
+        positions = torch.arange(max_positions, device=device)
+        self.cos, self.sin = rope_cos_sin(positions, head_dim, theta, dtype)  # [P, D] each
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos, sin [T, D]; positions past the table are computed directly."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            return rope_cos_sin(positions, self.head_dim, self.theta, self.cos.dtype)
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,12 +98,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self._qkv(x)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        if self.qkv_proj is not None:  # rotate q and k together: one rope for both
+            qkv = project(self.qkv_proj, x)  # [T, (H + 2 Hkv) * D]
+            qk = apply_rope(qkv[:, :heads * self.head_dim].reshape(num_tokens, heads, -1),
+                            cos, sin)  # [T, H + Hkv, D]
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, heads * self.head_dim:].reshape(num_tokens, self.num_kv_heads, -1)
+        else:
+            q, k, v = self._qkv(x)
+            q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+            k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, Hkv, D]
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
@@ -135,8 +151,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # .forward directly: nn.Module.__call__ costs more than the small ops it wraps
+        h = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, k_cache, v_cache,
+                                   meta)
+        x = x + h
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class LlamaBody(nn.Module):
@@ -156,18 +175,28 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = LlamaBody(cfg, qkv_bias, o_bias)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: RopeTable | None = None  # made by fuse()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self) -> None:
-        """Fuse q/k/v and gate/up projections for inference (fewer, larger GEMMs). The
-        separate modules keep their checkpoint names; the fused copies are what run."""
+        """Prepare for inference: fuse q/k/v and gate/up projections (fewer, larger GEMMs),
+        pack the weights for few-row GEMMs where the CPU has MKL (`kernels.linear`) and
+        precompute the rotary table. The separate modules keep their checkpoint names; the
+        fused copies are what run."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
             for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                       layer.mlp.gate_proj, layer.mlp.up_proj):
                 m.weight = nn.Parameter(m.weight.data[:0].clone(), requires_grad=False)
+            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                pack_linear(m)
+        pack_linear(self.lm_head)
+        weight = self.lm_head.weight
+        self.rope = RopeTable(self.config.max_position_embeddings, self.config.head_dim,
+                              self.config.rope_theta, weight.dtype, weight.device)
 
     @torch.inference_mode()
     def forward(
@@ -180,9 +209,13 @@ class Transformer(nn.Module):
         logits_indices: torch.Tensor | None = None,  # [M] rows that need logits; None = all
     ) -> torch.Tensor:  # [M, vocab_size] float32
         x = self.model.embed_tokens(tokens)  # [T, hidden]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if self.rope is not None and self.rope.cos.dtype == x.dtype:
+            cos, sin = self.rope.lookup(positions)  # [T, D] each
+        else:
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                    x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, k_pool[i], v_pool[i], meta)
+            x = layer.forward(x, cos, sin, k_pool[i], v_pool[i], meta)
         if logits_indices is not None:
             x = x[logits_indices]  # [M, hidden]
-        return project(self.lm_head, self.model.norm(x)).float()  # [M, vocab]
+        return project(self.lm_head, self.model.norm.forward(x)).float()  # [M, vocab]
