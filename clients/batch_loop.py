@@ -17,7 +17,7 @@ import grpc
 
 from clients.adaptive import AdaptiveSpeculation
 from clients.scheduler import Scheduler, StepPlan
-from clients.step import Stubs, propose, verify
+from clients.step import ProposeCall, Stubs, VerifyCall, propose_batch, verify_batch
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.errors import error_from_rpc
 from specmesh.wire.tree_spec import TreeSpec
@@ -84,51 +84,63 @@ class BatchLoop:
                 if self.scheduler.num_waiting:  # all requeued: wait for room
                     await asyncio.sleep(max(self.backoff_s, 0.01))
                 continue
-            await self.run_round(plan)
+            try:
+                await self.run_round(plan)
+            except Exception as exc:  # noqa: BLE001 - a bug must fail its round, not the loop
+                log.exception("round failed")
+                self._fail_round(plan, exc)
             if self.backoff_s:
                 await asyncio.sleep(self.backoff_s)
 
     async def run_round(self, plan: StepPlan) -> None:
+        """One ProposeBatch and one VerifyBatch for every sequence of the plan; finished ids
+        ride on both (or on a draft Release when no sequence speculates this round)."""
         deltas = plan.deltas()
         budgets = dict(plan.spec_lengths)
         finished = list(plan.finished_sequence_ids)
         specs = {d.seq_id: self.contexts[d.seq_id].tree.scaled(budgets[d.seq_id])
                  for d in deltas}
-        # finished ids ride on the first Propose and the first Verify of the round
-        carrier = next((d.seq_id for d in deltas if specs[d.seq_id].enabled), None)
-        if finished and (carrier is None or self.stubs.draft is None):
+        drafting = [d.seq_id for d in deltas if specs[d.seq_id].enabled]
+        if finished and (not drafting or self.stubs.draft is None):
             asyncio.get_running_loop().create_task(self._release(finished, verify_too=False))
         t0 = time.perf_counter()
-        proposals = await asyncio.gather(*(
-            self._propose(d.seq_id, specs[d.seq_id], finished if d.seq_id == carrier else ())
-            for d in deltas), return_exceptions=True)
+        proposed = await propose_batch(self.stubs, [self._propose_call(s, specs[s])
+                                                    for s in drafting], finished)
         t1 = time.perf_counter()
+        by_seq = dict(zip(drafting, proposed))
+        proposals = [by_seq.get(d.seq_id) for d in deltas]
         depth = max((self._depth(p) for p in proposals), default=0)
         if depth:
             self.policy.adaptive.observe_draft(depth, t1 - t0)
-        replies = await asyncio.gather(*(
-            self._verify(d.seq_id, p, finished if i == 0 else ())
-            for i, (d, p) in enumerate(zip(deltas, proposals))), return_exceptions=True)
+        # a sequence may have ended meanwhile (stop string seen, stream closed): skip it
+        failed = {i: p for i, p in enumerate(proposals) if isinstance(p, BaseException)}
+        todo = [i for i, d in enumerate(deltas) if i not in failed and d.seq_id in self.scheduler]
+        calls = [self._verify_call(deltas[i].seq_id, proposals[i]) for i in todo]
+        replies = dict(zip(todo, await verify_batch(self.stubs, calls, finished)
+                           if calls else []))
         self.policy.adaptive.observe_verify(plan.num_batch_tokens, time.perf_counter() - t1)
         exhausted = False
-        for d, p, r in zip(deltas, proposals, replies):
-            exhausted |= self._commit(d.seq_id, p, r)
+        for i, (d, p) in enumerate(zip(deltas, proposals)):
+            outcome = failed.get(i, replies.get(i))
+            if outcome is not None:
+                exhausted |= self._commit(d.seq_id, p, outcome)
         self.backoff_s = min(max(self.backoff_s * 2, 0.01), 1.0) if exhausted else 0.0
 
-    async def _propose(self, seq_id: str, spec: TreeSpec,
-                       finished) -> draft_pb2.ProposeResponse | None:
-        if not spec.enabled:
-            return None
-        seq = self.scheduler.get(seq_id)
-        return await propose(self.stubs, seq_id, seq.token_ids, seq.draft_cached, spec,
-                             self.contexts[seq_id].sampling, finished)
+    def _fail_round(self, plan: StepPlan, exc: Exception) -> None:
+        for seq_id in plan.sequence_ids:
+            if seq_id in self.scheduler:
+                self.scheduler.finish(seq_id, "error")
+                self.contexts[seq_id].sink(exc)
 
-    async def _verify(self, seq_id: str, proposal, finished) -> verify_pb2.VerifyResponse:
-        if isinstance(proposal, BaseException):
-            raise proposal
+    def _propose_call(self, seq_id: str, spec: TreeSpec) -> ProposeCall:
         seq = self.scheduler.get(seq_id)
-        return await verify(self.stubs, seq_id, seq.token_ids, seq.target_cached, proposal,
-                            self.contexts[seq_id].sampling, finished)
+        return ProposeCall(seq_id, seq.token_ids, seq.draft_cached, spec,
+                           self.contexts[seq_id].sampling)
+
+    def _verify_call(self, seq_id: str, proposal) -> VerifyCall:
+        seq = self.scheduler.get(seq_id)
+        return VerifyCall(seq_id, seq.token_ids, seq.target_cached, proposal,
+                          self.contexts[seq_id].sampling)
 
     @staticmethod
     def _depth(proposal) -> int:

@@ -6,6 +6,7 @@ from draft_service.engine import DraftEngine, ProposeItem
 from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specmesh.wire.metrics import ServiceMetrics
+from specmesh.wire.batch_rpc import item_error, run_items
 from specmesh.wire.codec import encode_sparse, model_info
 from specmesh.wire.batcher import DynamicBatcher
 from specmesh.wire.prefix_cache import PrefixCache
@@ -36,10 +37,23 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         item = to_item(request)
         if request.finished_sequence_ids:
             await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        return self._response(await self._submit(item))
+
+    async def ProposeBatch(self, request, context):
+        """Every item of a client's round; one forward per depth, outcomes item by item."""
+        if request.finished_sequence_ids:
+            await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        outcomes = await run_items(request.requests, to_item, self._submit)
+        return draft_pb2.ProposeBatchResponse(results=[
+            draft_pb2.ProposeResult(error=item_error(out)) if isinstance(out, BaseException)
+            else draft_pb2.ProposeResult(response=self._response(out)) for out in outcomes])
+
+    async def _submit(self, item: ProposeItem):
         if self.prefix is None:
-            result = await self.worker.submit(item)
-        else:
-            result = await self.prefix.submit(self.worker.submit, item)
+            return await self.worker.submit(item)
+        return await self.prefix.submit(self.worker.submit, item)
+
+    def _response(self, result) -> draft_pb2.ProposeResponse:
         if self.metrics is not None:
             self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
                                        self.engine.kv.num_free_blocks)

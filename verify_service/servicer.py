@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kernels.sampling import SamplingConfig
 from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from specmesh.wire.batch_rpc import item_error, run_items
 from specmesh.wire.codec import decode_sparse, model_info
 from specmesh.wire.batcher import DynamicBatcher
 from specmesh.wire.prefix_cache import PrefixCache
@@ -56,12 +57,30 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         item = to_item(request)
         if request.finished_sequence_ids:
             await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        return self._response(await self._submit(item), len(item.tree_tokens))
+
+    async def VerifyBatch(self, request, context):
+        """Every item of a client's round; one batched forward, outcomes item by item."""
+        if request.finished_sequence_ids:
+            await self.worker.call(self.engine.release, list(request.finished_sequence_ids))
+        outcomes = await run_items(request.requests, to_item, self._submit)
+        results = []
+        for req, out in zip(request.requests, outcomes):
+            if isinstance(out, BaseException):
+                results.append(verify_pb2.VerifyResult(error=item_error(out)))
+            else:
+                results.append(verify_pb2.VerifyResult(
+                    response=self._response(out, len(req.tree.tokens))))
+        return verify_pb2.VerifyBatchResponse(results=results)
+
+    async def _submit(self, item: VerifyItem):
         if self.prefix is None:
-            result = await self.worker.submit(item)
-        else:
-            result = await self.prefix.submit(self.worker.submit, item)
+            return await self.worker.submit(item)
+        return await self.prefix.submit(self.worker.submit, item)
+
+    def _response(self, result, num_tree: int) -> verify_pb2.VerifyResponse:
         if self.metrics is not None:
-            self.metrics.observe_round(len(item.tree_tokens), result.num_accepted_draft_tokens)
+            self.metrics.observe_round(num_tree, result.num_accepted_draft_tokens)
             self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
                                        self.engine.kv.num_free_blocks)
             self.metrics.set_queue_depth(self.worker.queue_depth)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/draft.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\xb5\x01\n\x0eProposeRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.specmesh.v1.SequenceHeader\x12(\n\ttree_spec\x18\x02 \x01(\x0b\x32\x15.specmesh.v1.TreeSpec\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1d\n\x15\x66inished_sequence_ids\x18\x04 \x03(\t\"\x88\x01\n\x0fProposeResponse\x12$\n\x04tree\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x34\n\x0b\x64raft_dists\x18\x02 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"&\n\x0eReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"\'\n\x0fReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\x05\x32\xe1\x01\n\x0c\x44raftService\x12\x44\n\x07Propose\x12\x1b.specmesh.v1.ProposeRequest\x1a\x1c.specmesh.v1.ProposeResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.specmesh.v1.ModelInfoRequest\x1a\x16.specmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/draft.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\xb5\x01\n\x0eProposeRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.specmesh.v1.SequenceHeader\x12(\n\ttree_spec\x18\x02 \x01(\x0b\x32\x15.specmesh.v1.TreeSpec\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1d\n\x15\x66inished_sequence_ids\x18\x04 \x03(\t\"\x88\x01\n\x0fProposeResponse\x12$\n\x04tree\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x34\n\x0b\x64raft_dists\x18\x02 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"&\n\x0eReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"\'\n\x0fReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\x05\"c\n\x13ProposeBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.specmesh.v1.ProposeRequest\x12\x1d\n\x15\x66inished_sequence_ids\x18\x02 \x03(\t\"u\n\rProposeResult\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1c.specmesh.v1.ProposeResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.ItemErrorH\x00\x42\t\n\x07outcome\"C\n\x14ProposeBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.specmesh.v1.ProposeResult2\xb6\x02\n\x0c\x44raftService\x12\x44\n\x07Propose\x12\x1b.specmesh.v1.ProposeRequest\x1a\x1c.specmesh.v1.ProposeResponse\x12S\n\x0cProposeBatch\x12 .specmesh.v1.ProposeBatchRequest\x1a!.specmesh.v1.ProposeBatchResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.specmesh.v1.ModelInfoRequest\x1a\x16.specmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=427
   _globals['_RELEASERESPONSE']._serialized_start=429
   _globals['_RELEASERESPONSE']._serialized_end=468
-  _globals['_DRAFTSERVICE']._serialized_start=471
-  _globals['_DRAFTSERVICE']._serialized_end=696
+  _globals['_PROPOSEBATCHREQUEST']._serialized_start=470
+  _globals['_PROPOSEBATCHREQUEST']._serialized_end=569
+  _globals['_PROPOSERESULT']._serialized_start=571
+  _globals['_PROPOSERESULT']._serialized_end=688
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=690
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=757
+  _globals['_DRAFTSERVICE']._serialized_start=760
+  _globals['_DRAFTSERVICE']._serialized_end=1070
 # @@protoc_insertion_point(module_scope)

@@ -40,3 +40,25 @@ class ReleaseResponse(_message.Message):
     NUM_RELEASED_FIELD_NUMBER: _ClassVar[int]
     num_released: int
     def __init__(self, num_released: _Optional[int] = ...) -> None: ...
+
+class ProposeBatchRequest(_message.Message):
+    __slots__ = ("requests", "finished_sequence_ids")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ProposeRequest]
+    finished_sequence_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ProposeRequest, _Mapping]]] = ..., finished_sequence_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProposeResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: ProposeResponse
+    error: _common_pb2.ItemError
+    def __init__(self, response: _Optional[_Union[ProposeResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
+
+class ProposeBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ProposeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ProposeResult, _Mapping]]] = ...) -> None: ...

@@ -40,6 +40,11 @@ class DraftServiceStub:
                 request_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeBatch = channel.unary_unary(
+                '/specmesh.v1.DraftService/ProposeBatch',
+                request_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specmesh.v1.DraftService/Release',
                 request_serializer=specmesh_dot_v1_dot_draft__pb2.ReleaseRequest.SerializeToString,
@@ -57,6 +62,14 @@ class DraftServiceServicer:
 
     def Propose(self, request, context):
         """Extend the sequence with new_tokens and propose a token tree after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeBatch(self, request, context):
+        """Every sequence of a client's round in one call: one batched forward per tree depth; the
+        items succeed or fail one by one (results in request order).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +95,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBatch,
+                    request_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -121,6 +139,33 @@ class DraftService:
             '/specmesh.v1.DraftService/Propose',
             specmesh_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
             specmesh_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.DraftService/ProposeBatch',
+            specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+            specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

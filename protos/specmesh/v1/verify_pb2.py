@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/verify.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\xff\x01\n\rVerifyRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.specmesh.v1.SequenceHeader\x12$\n\x04tree\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x34\n\x0b\x64raft_dists\x18\x03 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1d\n\x15\x66inished_sequence_ids\x18\x05 \x03(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\"p\n\x0eVerifyResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x19num_accepted_draft_tokens\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\",\n\x14VerifyReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"-\n\x15VerifyReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\x05\x32\xeb\x01\n\rVerifyService\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12P\n\x07Release\x12!.specmesh.v1.VerifyReleaseRequest\x1a\".specmesh.v1.VerifyReleaseResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.specmesh.v1.ModelInfoRequest\x1a\x16.specmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/verify.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\xff\x01\n\rVerifyRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.specmesh.v1.SequenceHeader\x12$\n\x04tree\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x34\n\x0b\x64raft_dists\x18\x03 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1d\n\x15\x66inished_sequence_ids\x18\x05 \x03(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\"p\n\x0eVerifyResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x19num_accepted_draft_tokens\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\",\n\x14VerifyReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"-\n\x15VerifyReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\x05\"a\n\x12VerifyBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.specmesh.v1.VerifyRequest\x12\x1d\n\x15\x66inished_sequence_ids\x18\x02 \x03(\t\"s\n\x0cVerifyResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1b.specmesh.v1.VerifyResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.ItemErrorH\x00\x42\t\n\x07outcome\"A\n\x13VerifyBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.specmesh.v1.VerifyResult2\xbd\x02\n\rVerifyService\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12P\n\x0bVerifyBatch\x12\x1f.specmesh.v1.VerifyBatchRequest\x1a .specmesh.v1.VerifyBatchResponse\x12P\n\x07Release\x12!.specmesh.v1.VerifyReleaseRequest\x1a\".specmesh.v1.VerifyReleaseResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.specmesh.v1.ModelInfoRequest\x1a\x16.specmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYRELEASEREQUEST']._serialized_end=483
   _globals['_VERIFYRELEASERESPONSE']._serialized_start=485
   _globals['_VERIFYRELEASERESPONSE']._serialized_end=530
-  _globals['_VERIFYSERVICE']._serialized_start=533
-  _globals['_VERIFYSERVICE']._serialized_end=768
+  _globals['_VERIFYBATCHREQUEST']._serialized_start=532
+  _globals['_VERIFYBATCHREQUEST']._serialized_end=629
+  _globals['_VERIFYRESULT']._serialized_start=631
+  _globals['_VERIFYRESULT']._serialized_end=746
+  _globals['_VERIFYBATCHRESPONSE']._serialized_start=748
+  _globals['_VERIFYBATCHRESPONSE']._serialized_end=813
+  _globals['_VERIFYSERVICE']._serialized_start=816
+  _globals['_VERIFYSERVICE']._serialized_end=1133
 # @@protoc_insertion_point(module_scope)

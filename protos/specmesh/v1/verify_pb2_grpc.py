@@ -40,6 +40,11 @@ class VerifyServiceStub:
                 request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyBatch = channel.unary_unary(
+                '/specmesh.v1.VerifyService/VerifyBatch',
+                request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specmesh.v1.VerifyService/Release',
                 request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyReleaseRequest.SerializeToString,
@@ -58,6 +63,14 @@ class VerifyServiceServicer:
     def Verify(self, request, context):
         """Extend the sequence with new_tokens, verify the draft tree in one target forward pass,
         and return the accepted tokens plus one recovered or bonus token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyBatch(self, request, context):
+        """Every sequence of a client's round in one call: the items run in one batched forward and
+        succeed or fail one by one (results in request order).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +96,11 @@ def add_VerifyServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBatch,
+                    request_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -122,6 +140,33 @@ class VerifyService:
             '/specmesh.v1.VerifyService/Verify',
             specmesh_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
             specmesh_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.VerifyService/VerifyBatch',
+            specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
+            specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

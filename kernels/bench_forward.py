@@ -1,0 +1,148 @@
+"""In-process engine bench: forward time by row count, next to the weight-streaming bound.
+
+    python -m kernels.bench_forward [--target DIR --draft DIR] [--rows 1,2,5,9,17] [--json]
+
+For the target: one packed forward of 1 causal token + (rows - 1) chain-tree nodes over a
+128-token committed prefix (a verify step; rows = 1 is a plain decode step). For the draft: a
+1-row and a 3-row forward (one depth of a chain / of a dynamic tree). Each is printed next to the
+bound measured on this machine in the same run: one sweep over the model's projection weights
+with a 1-row GEMV (`F.linear`), i.e. weight bytes / sweep time. Modes are interleaved and the
+minimum and median of `--repeats` are reported (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels.kv_cache import PagedKVCache
+from kernels.loader import LoadedModel, load_model
+from kernels.runner import ForwardItem, ModelRunner
+from kernels.tree import compile_tree
+
+PREFIX = 128
+
+
+def _default(name: str) -> pathlib.Path:
+    base = os.environ.get("SPECMESH_MODEL_DIR")
+    root = pathlib.Path(base) if base else pathlib.Path(__file__).resolve().parents[2] / "shared" / "models"
+    return root / name
+
+
+def _weights(loaded: LoadedModel) -> list[torch.Tensor]:
+    return [m.weight for m in loaded.model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.numel()]
+
+
+def _runner(loaded: LoadedModel) -> ModelRunner:
+    cfg = loaded.config
+    kv = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16,
+                      (PREFIX + 64) // 16 + 1, loaded.dtype, loaded.device)
+    runner = ModelRunner(loaded, kv)
+    kv.create("s")
+    kv.reserve("s", PREFIX + 32)
+    runner.forward([ForwardItem("s", [1 + i % 200 for i in range(PREFIX)])])
+    return runner
+
+
+def _step(runner: ModelRunner, rows: int):
+    """A verify-shaped forward: 1 causal token + a chain of rows - 1 tree nodes."""
+    n = rows - 1
+    tree = compile_tree(list(range(5, 5 + n)), list(range(-1, n - 1))) if n else None
+
+    def run() -> None:
+        runner.kv.set_num_tokens("s", PREFIX)
+        runner.forward([ForwardItem("s", [7], tree)])
+    return run
+
+
+def _sweep(loaded: LoadedModel):
+    weights = _weights(loaded)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def run() -> None:
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    return run
+
+
+def _time(cases: dict[str, object], repeats: int) -> dict[str, list[float]]:
+    for fn in cases.values():
+        fn()  # warm-up
+    out: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    target, draft = load_model(args.target), load_model(args.draft)
+    tr, dr = _runner(target), _runner(draft)
+    cases = {"target sweep": _sweep(target), "draft sweep": _sweep(draft)}
+    cases |= {f"target rows={r}": _step(tr, r) for r in args.rows}
+    cases |= {"draft rows=1": _step(dr, 1), "draft rows=3": _step(dr, 3)}
+    times = _time(cases, args.repeats)
+    stats = {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
+    bytes_ = {m: sum(w.numel() * w.element_size() for w in _weights(x))
+              for m, x in (("target", target), ("draft", draft))}
+    result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "weight_bytes": bytes_,
+              "times": stats, "ratios": {}}
+    base = stats["target rows=1"]["median_ms"]
+    for r in args.rows:
+        result["ratios"][f"target rows={r} / rows=1"] = stats[f"target rows={r}"]["median_ms"] / base
+    for m in ("target", "draft"):
+        sweep = stats[f"{m} sweep"]["median_ms"]
+        result["ratios"][f"{m} rows=1 / sweep"] = stats[f"{m} rows=1"]["median_ms"] / sweep
+        result[f"{m}_stream_gb_s"] = bytes_[m] / sweep / 1e6
+    return result
+
+
+def format_table(res: dict) -> str:
+    lines = [f"engine bench: {res['threads']} threads, {res['prefix']}-token prefix",
+             f"{'case':<22}{'min ms':>9}{'median ms':>11}{'x sweep':>9}{'x rows=1':>10}"]
+    for name, s in res["times"].items():
+        model = name.split()[0]
+        sweep = res["times"][f"{model} sweep"]["median_ms"]
+        one = res["times"].get(f"{model} rows=1", {}).get("median_ms")
+        rel = f"{s['median_ms'] / one:>10.2f}" if one and "rows=" in name else f"{'':>10}"
+        lines.append(f"{name:<22}{s['min_ms']:>9.2f}{s['median_ms']:>11.2f}"
+                     f"{s['median_ms'] / sweep:>9.2f}{rel}")
+    for m in ("target", "draft"):
+        lines.append(f"{m}: {res['weight_bytes'][m] / 1e6:.0f} MB of weights, "
+                     f"one sweep streams {res[f'{m}_stream_gb_s']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.bench_forward", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=pathlib.Path, default=_default("stories260K-wide78M"))
+    p.add_argument("--draft", type=pathlib.Path, default=_default("stories260K-draft2L-wide5M"))
+    p.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 2, 5, 9, 17])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if 1 not in args.rows:
+        args.rows = [1] + args.rows
+    res = run(args)
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
