@@ -152,7 +152,7 @@ class AdaptiveSpeculation:
 
     def __post_init__(self):
         self.draft_cost = LinearCost(self.config.rtt_decay, fallback="proportional")
-        self.verify_cost = LinearCost(self.config.rtt_decay, fallback="constant")
+        self.verify_cost = LinearCost(self.config.rtt_decay, fallback="proportional")
         self._global = _Acceptance(self.config.prior_acceptance)
         self._seqs: dict[str, _SequenceState] = {}
 
