@@ -10,6 +10,7 @@ round runs with an empty tree, i.e. a plain target decode step, same output).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,15 @@ from specmesh.wire.batch_rpc import item_rpc_error
 from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)
+WARN_EVERY_S = 10.0  # a draft outage logs once per this many seconds, not once per round
+_last_warning = [float("-inf")]
+
+
+def _warn(message: str, *args) -> None:
+    now = time.monotonic()
+    if now - _last_warning[0] >= WARN_EVERY_S:
+        _last_warning[0] = now
+        log.warning(message, *args)
 
 
 class Stubs:
@@ -69,7 +79,7 @@ async def propose_batch(stubs: Stubs, calls: Sequence[ProposeCall], finished: Se
         try:
             reply = await stubs.draft.ProposeBatch(req, timeout=stubs.draft_timeout_s)
         except grpc.aio.AioRpcError as err:
-            log.warning("draft %s: %s; verifying without trees", err.code().name, err.details())
+            _warn("draft %s: %s; verifying without trees", err.code().name, err.details())
             return out
         retry = []
         for i, res in zip(todo, reply.results):
@@ -83,8 +93,8 @@ async def propose_batch(stubs: Stubs, calls: Sequence[ProposeCall], finished: Se
             elif err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 out[i] = err
             else:
-                log.warning("draft %s for %s: %s; verifying without a tree",
-                            err.code().name, calls[i].seq_id, err.details())
+                _warn("draft %s for %s: %s; verifying without a tree",
+                      err.code().name, calls[i].seq_id, err.details())
         todo, finished = retry, ()
     return out
 

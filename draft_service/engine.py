@@ -6,6 +6,7 @@ item's `specmesh.wire` exception out.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from kernels.sequence_engine import SequenceEngine
 from kernels.tree import compile_tree
 from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
 from specmesh.wire.tree_spec import TreeSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,18 @@ class DraftEngine(SequenceEngine):
         super().__init__(loaded, kv_cache_mb, block_size, idle_evict_s)
 
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
+        """One forward for the new tokens of every item, then one per tree depth; each failure
+        is confined to its item (a failed forward fails only the items in it, uncommitted)."""
         results: list[ProposeResult | Exception | None] = [None] * len(items)
         ready: list[tuple[int, ForwardItem, TreeGrower]] = []
         keep = {it.seq_id for it in items}
+        seen: set[str] = set()
         for i, item in enumerate(items):
             try:
+                if item.seq_id in seen:
+                    raise InvalidRequest("header.sequence_id", f"{item.seq_id!r} already has a "
+                                         "Propose in flight (one per sequence at a time)")
+                seen.add(item.seq_id)
                 fwd, num_seeded = self._prepare(item, keep)
                 gen = None if item.sampling.greedy else round_generator(
                     item.seed, item.num_cached_tokens + num_seeded + len(fwd.new_tokens),
@@ -65,18 +75,29 @@ class DraftEngine(SequenceEngine):
                 ready.append((i, fwd, TreeGrower(item.spec, item.sampling, gen)))
             except Exception as exc:  # noqa: BLE001 - confined to this item
                 results[i] = as_wire_error(exc)
-        if ready:
-            outs = self.runner.forward([fwd for _, fwd, _ in ready])
-            for (_, fwd, grower), out in zip(ready, outs):
-                self.sequences.commit(fwd.seq_id, fwd.new_tokens)
-                if grower.spec.enabled:
-                    grower.grow_root(out.logits[0])
-            self._grow(ready)
+        if not ready:
+            return results  # type: ignore[return-value]
+        try:
+            self._run(ready)
+        except Exception as exc:  # noqa: BLE001 - a fault of the model run: fail these items
+            log.exception("draft forward failed")
+            for i, fwd, _ in ready:
+                self.sequences.release([fwd.seq_id])  # its KV may be half written
+                results[i] = exc
+            return results  # type: ignore[return-value]
         for i, fwd, grower in ready:
             self.kv.truncate(fwd.seq_id, self.kv.num_tokens(fwd.seq_id))  # drop tree KV
             results[i] = ProposeResult(grower.tokens, grower.parents, grower.sparse_dists(),
                                        self.kv.num_tokens(fwd.seq_id))
         return results  # type: ignore[return-value]
+
+    def _run(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:
+        outs = self.runner.forward([fwd for _, fwd, _ in ready])
+        for (_, fwd, grower), out in zip(ready, outs):
+            self.sequences.commit(fwd.seq_id, fwd.new_tokens)
+            if grower.spec.enabled:
+                grower.grow_root(out.logits[0])
+        self._grow(ready)
 
     def _grow(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:
         """One batched forward per depth over every tree still growing."""

@@ -50,12 +50,15 @@ import torch
 from kernels.tree import TreeBuffers
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How logits become the distribution a token is drawn from (HF transformers semantics)."""
 
     temperature: float = 0.0
-    """Logits are divided by this; 0 means greedy (argmax)."""
+    """Logits are divided by this; 0 (or below MIN_TEMPERATURE) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus: keep the smallest set of most likely tokens whose mass is >= top_p; 1 = off."""
     top_k: int = 0
@@ -63,7 +66,10 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Below MIN_TEMPERATURE the warped distribution is the argmax's one-hot up to float
+        rounding (and dividing by it overflows), so such temperatures decode greedily, as in
+        vLLM."""
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a value is out of range."""

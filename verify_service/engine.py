@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.attention_metadata import MAX_TREE_NODES
 from kernels.loader import LoadedModel
 from kernels.prefix_kv import num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem
@@ -60,52 +61,91 @@ class _Prepared:
     item: VerifyItem
     new_tokens: list[int]
     tree: TreeBuffers | None
+    num_cached: int  # committed positions before this step (the state to roll back to)
+    draft: torch.Tensor | None = None  # [1 + n, vocab] dense draft distributions (sampling)
 
 
 class VerifyEngine(SequenceEngine):
     def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 1024, block_size: int = 16,
-                 idle_evict_s: float = 60.0):
+                 idle_evict_s: float = 60.0, max_tree_nodes: int = MAX_TREE_NODES):
         super().__init__(loaded, kv_cache_mb, block_size, idle_evict_s)
+        self.max_tree_nodes = min(max_tree_nodes, MAX_TREE_NODES)
 
     # -- one batch -------------------------------------------------------------------------
     def verify_batch(self, items: list[VerifyItem]) -> list[VerifyResult | Exception]:
-        """Verify every item in one target forward; each failure is confined to its item."""
+        """Verify every item in one target forward; each failure is confined to its item.
+
+        Every check that can fail for one item runs before the forward; an item whose
+        acceptance fails after it is rolled back (nothing committed) and fails alone."""
         results: list[VerifyResult | Exception | None] = [None] * len(items)
         ready: list[tuple[int, _Prepared]] = []
         batch_ids = {it.seq_id for it in items}
+        seen: set[str] = set()
         for i, item in enumerate(items):
             try:
+                if item.seq_id in seen:
+                    raise InvalidRequest("header.sequence_id", f"{item.seq_id!r} is already "
+                                         "being verified (one request per sequence at a time)")
+                seen.add(item.seq_id)
                 prep = self._prepare(item, batch_ids)
                 self._reserve(prep, batch_ids)
                 ready.append((i, prep))
             except Exception as exc:  # noqa: BLE001 - confined to this item
                 results[i] = as_wire_error(exc)
-        if ready:
+        if not ready:
+            return results  # type: ignore[return-value]
+        try:
             outs = self.runner.forward([
                 ForwardItem(p.item.seq_id, p.new_tokens, p.tree) for _, p in ready])
-            for (i, prep), out in zip(ready, outs):
+        except Exception as exc:  # noqa: BLE001 - nothing was committed for any item
+            log.exception("verify forward failed")
+            for i, prep in ready:
+                self._roll_back(prep)
+                results[i] = exc
+            return results  # type: ignore[return-value]
+        for (i, prep), out in zip(ready, outs):
+            try:
                 results[i] = self._accept(prep, out.logits)
+            except Exception as exc:  # noqa: BLE001 - confined to this item
+                log.exception("acceptance failed for %s", prep.item.seq_id)
+                self._roll_back(prep)
+                results[i] = as_wire_error(exc)
         return results  # type: ignore[return-value]
+
+    def _roll_back(self, prep: _Prepared) -> None:
+        """Forget this step's KV: the sequence is as before the request."""
+        seq_id = prep.item.seq_id
+        if seq_id in self.kv:
+            self.kv.truncate(seq_id, min(prep.num_cached, self.kv.num_tokens(seq_id)))
 
     def _prepare(self, item: VerifyItem, keep: set[str]) -> _Prepared:
         item.sampling.validate()
+        if len(item.tree_tokens) > self.max_tree_nodes:
+            raise InvalidRequest("tree.tokens", f"{len(item.tree_tokens)} nodes; at most "
+                                 f"{self.max_tree_nodes} per request")
+        if item.draft_dists and not item.tree_tokens:
+            raise InvalidRequest("draft_dists", "given without a tree")
         step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
-        tree = None
+        tree, draft = None, None
         if item.tree_tokens or item.tree_parents:
             self.sequences.check_tokens(item.tree_tokens, "tree.tokens")
             try:
                 tree = compile_tree(item.tree_tokens, item.tree_parents)
             except ValueError as exc:
                 raise InvalidRequest("tree.parents", str(exc)) from exc
-            if not item.sampling.greedy and len(item.draft_dists) != tree.num_nodes + 1:
-                raise InvalidRequest("draft_dists", f"sampling needs {tree.num_nodes + 1} "
-                                     f"distributions (root + one per node), got "
-                                     f"{len(item.draft_dists)}")
+            if not item.sampling.greedy:
+                if len(item.draft_dists) != tree.num_nodes + 1:
+                    raise InvalidRequest("draft_dists", f"sampling needs {tree.num_nodes + 1} "
+                                         f"distributions (root + one per node), got "
+                                         f"{len(item.draft_dists)}")
+                draft = _dense_draft(item.draft_dists, tree.num_nodes + 1,
+                                     self.loaded.config.vocab_size)
         depth = 0 if tree is None else int(tree.depths.max()) + 1
         if step.num_cached + len(step.new_tokens) + depth + 1 > self.sequences.max_context:
             raise InvalidRequest("tree.tokens", "the tree would run past the context length")
+        num_cached = step.num_cached
         step = seed_prefix(self.sequences, step, item.prefix_chunks, keep)
-        return _Prepared(item, step.new_tokens, tree)
+        return _Prepared(item, step.new_tokens, tree, num_cached, draft)
 
     def _reserve(self, prep: _Prepared, keep: set[str]) -> None:
         num_tree = prep.tree.num_nodes if prep.tree is not None else 0
@@ -124,7 +164,7 @@ class VerifyEngine(SequenceEngine):
             probs = torch.log_softmax(logits, -1) if item.return_logprobs else None
         else:
             probs = warp_logits_to_probs(logits, item.sampling)  # [1 + n, vocab]
-            draft = _dense_draft(item.draft_dists, tree.num_nodes + 1, logits.shape[-1])
+            draft = prep.draft if prep.draft is not None else torch.zeros(1, logits.shape[-1])
             gen = round_generator(item.seed, self.kv.num_tokens(item.seq_id), "verify")
             acc = tree_rejection_sample(tree, probs, draft, gen)
             probs = probs.clamp_min(1e-30).log() if item.return_logprobs else None

@@ -31,7 +31,33 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SpecMeshError):
         return exc.code, str(exc)
     log.exception("unhandled error in handler", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}; see the service log)"
+
+
+class _Undecodable:
+    """What a request that failed to parse becomes, so the handler can answer
+    INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def run(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8, ...
+            return _Undecodable(exc)
+    return run
+
+
+async def _reject_undecodable(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: not a valid message of this method ({request.error})")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -48,6 +74,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                await _reject_undecodable(request, context)
                 try:
                     return await inner(request, context)
                 except (grpc.aio.AbortError, grpc.aio.BaseError):
@@ -57,12 +84,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(code, msg)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+                unary_unary, _tolerant(handler.request_deserializer),
+                handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                await _reject_undecodable(request, context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
@@ -73,8 +101,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(code, msg)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
+                unary_stream, _tolerant(handler.request_deserializer),
+                handler.response_serializer)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
