@@ -57,7 +57,9 @@ def test_summarise_and_ratios():
                       "spec c=4/c=1 [chain:4]": 2.0, "spec/target c=4 [chain:4]": 2.0,
                       "ours spec [chain:4] / hf assisted c=1": 2.0,
                       "ours target-only / hf target-only c=1": 2.0,
-                      "hf assisted / hf target-only c=1": 2.0}
+                      "hf assisted / hf target-only c=1": 2.0,
+                      "best spec/target c=1 [chain:4]": 2.0,
+                      "best spec / hf assisted c=1 [chain:4]": 2.0}
     assert check_outputs(runs, 4).total == 0
     assert "specmesh spec chain:4" in format_table([r.row for r in runs])
 
