@@ -35,14 +35,15 @@ def _padded_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor,
     q_lens = cu[1:] - cu[:-1]  # [B]
     q_max = int(q_lens.max())
     local = torch.arange(meta.num_tokens, device=device) - cu[meta.q_seq_idx]  # [T]
-    kv_pos = torch.arange(meta.max_seq_len, device=device)  # [L]
-    blocks = meta.block_tables.long()[:, kv_pos // meta.block_size]  # [B, L]
-    kv_slots = blocks * meta.block_size + kv_pos % meta.block_size  # [B, L]
+    num_blocks = -(-meta.max_seq_len // meta.block_size)
+    kv_blocks = meta.block_tables.long()[:, :num_blocks]  # [B, nb]: gathered whole blocks
     mask_pad = torch.zeros(meta.num_seqs, q_max, meta.max_seq_len, dtype=torch.bool,
                            device=device)  # [B, Qmax, L]
     mask_pad[:, :, 0] = True  # padding rows attend somewhere (their output is discarded)
     mask_pad[meta.q_seq_idx, local] = dense_mask(meta)
-    layout = (local, kv_slots, q_max, mask_pad[:, None])  # mask [B, 1, Qmax, L]
+    # a lone sequence that sees all of its KV (a decode step) needs no mask: SDPA's fast path
+    full = meta.num_seqs == 1 and bool(mask_pad.all())
+    layout = (local, kv_blocks, q_max, None if full else mask_pad[:, None])  # [B, 1, Qmax, L]
     meta._dense["layout"] = layout
     return layout
 
@@ -57,10 +58,11 @@ def tree_attention_reference(
     """Attention of every packed query over its sequence's visible KV positions (see metadata)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    local, kv_slots, q_max, mask_pad = _padded_layout(meta)
-    batch = meta.num_seqs
-    k = k_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
-    v = v_cache.reshape(-1, num_kv_heads, head_dim)[kv_slots]  # [B, L, Hkv, D]
+    local, kv_blocks, q_max, mask_pad = _padded_layout(meta)
+    batch, length = meta.num_seqs, meta.max_seq_len
+    # whole blocks (contiguous copies), then the first L positions: [B, L, Hkv, D]
+    k = k_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
+    v = v_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     if batch == 1:
         q_pad = q[None]  # [1, T, H, D]: a single sequence needs no padding
     else:
