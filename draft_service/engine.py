@@ -78,7 +78,7 @@ class DraftEngine(SequenceEngine):
         if not ready:
             return results  # type: ignore[return-value]
         try:
-            self._run(ready)
+            committed = self._run(ready)
         except Exception as exc:  # noqa: BLE001 - a fault of the model run: fail these items
             log.exception("draft forward failed")
             for i, fwd, _ in ready:
@@ -86,30 +86,40 @@ class DraftEngine(SequenceEngine):
                 results[i] = exc
             return results  # type: ignore[return-value]
         for i, fwd, grower in ready:
-            self.kv.truncate(fwd.seq_id, self.kv.num_tokens(fwd.seq_id))  # drop tree KV
+            self.kv.truncate(fwd.seq_id, committed[fwd.seq_id])  # drop the tree's KV
             results[i] = ProposeResult(grower.tokens, grower.parents, grower.sparse_dists(),
                                        self.kv.num_tokens(fwd.seq_id))
         return results  # type: ignore[return-value]
 
-    def _run(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:
+    def _run(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> dict[str, int]:
+        """The new tokens' forward, then the tree's; returns each sequence's committed length."""
         outs = self.runner.forward([fwd for _, fwd, _ in ready])
         for (_, fwd, grower), out in zip(ready, outs):
             self.sequences.commit(fwd.seq_id, fwd.new_tokens)
             if grower.spec.enabled:
                 grower.grow_root(out.logits[0])
+        committed = {fwd.seq_id: self.kv.num_tokens(fwd.seq_id) for _, fwd, _ in ready}
         self._grow(ready)
+        return committed
 
     def _grow(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:
-        """One batched forward per depth over every tree still growing."""
+        """One batched forward per depth over every tree still growing. A chain's next node
+        is fed as an ordinary causal token (same KV position as tree node, no tree mask or
+        tree compilation); the caller truncates all of it away afterwards."""
         while True:
             growing = [(fwd, g) for _, fwd, g in ready if g.needs_forward]
             if not growing:
                 return
-            outs = self.runner.forward([
-                ForwardItem(fwd.seq_id, [], compile_tree(g.tokens, g.parents), list(g.frontier))
-                for fwd, g in growing])
+            outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
+
+    @staticmethod
+    def _depth_item(seq_id: str, grower: TreeGrower) -> ForwardItem:
+        if grower.spec.kind == "chain":
+            return ForwardItem(seq_id, [grower.tokens[grower.frontier[-1]]])
+        return ForwardItem(seq_id, [], compile_tree(grower.tokens, grower.parents),
+                           list(grower.frontier))
 
     def _prepare(self, item: ProposeItem, keep: set[str]) -> tuple[ForwardItem, int]:
         """The forward to run and how many positions came from the cached prefix."""
