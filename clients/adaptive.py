@@ -190,13 +190,16 @@ class AdaptiveSpeculation:
     def tokens_per_second(self, seq_id: str, k: int, batch_tokens: int,
                           batch_size: int = 1) -> float | None:
         """Expected tokens/s of `seq_id` at depth k if all `batch_size` sequences drafted k;
-        None before the costs have been measured. `batch_tokens` excludes draft tokens."""
+        None before the costs have been measured. `batch_tokens` excludes draft tokens.
+        In a batch every sequence is judged by the global acceptance, so all of them choose
+        the same depth: a round pays the draft's latency if any one of them drafts."""
         verify_tokens = batch_tokens + batch_size * k * self.config.tree_width
         verify = self.verify_cost.predict(verify_tokens)
         draft = self.draft_cost.predict(k) if k > 0 else 0.0
         if verify is None or draft is None:
             return None
-        return expected_tokens(k, self.acceptance(seq_id)) / max(draft + verify, _EPS)
+        acceptance = self.acceptance(seq_id) if batch_size <= 1 else self._global.rate
+        return expected_tokens(k, acceptance) / max(draft + verify, _EPS)
 
     def best_depth(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
         """The depth with the most expected tokens/s (0 when speculation does not pay)."""
@@ -213,7 +216,8 @@ class AdaptiveSpeculation:
 
     def choose(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
         """This round's draft budget in tokens (depth * tree_width) for `seq_id`, exploring
-        k = 1 every `explore_every` rounds spent at 0."""
+        k = 1 every `explore_every` rounds spent at 0 when it runs alone (in a batch one
+        sequence exploring would make the whole round wait for the draft)."""
         k = self.best_depth(seq_id, batch_tokens, batch_size)
         state = self._state(seq_id)
         if k > 0:
@@ -221,7 +225,8 @@ class AdaptiveSpeculation:
         else:
             state.zero_streak += 1
             every = self.config.explore_every
-            if every and state.zero_streak >= every and self.config.k_max >= 1:
+            if every and batch_size <= 1 and state.zero_streak >= every \
+                    and self.config.k_max >= 1:
                 state.zero_streak = 0
                 k = 1
         return k * self.config.tree_width
