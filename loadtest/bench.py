@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch/OpenMP threads for every model process (the services and the "
                         "in-process HF runs), via OMP_NUM_THREADS; default: torch's default")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (seeded; default 0 = greedy). Sampled "
+                        "outputs are not compared token for token and HF rows are skipped")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus for --temperature")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--json", action="store_true", help="print one JSON object (table to stderr)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
@@ -105,6 +109,12 @@ def _specs(args: argparse.Namespace) -> list[SpecConfig]:
     chosen = (args.tree or []) + (args.trees or [])
     unique = list({s.name: s for s in chosen}.values())
     return unique or [SpecConfig(TreeSpec("chain", chain_length=4))]
+
+
+def _decoding(args: argparse.Namespace) -> str:
+    if args.temperature == 0:
+        return "greedy"
+    return f"sampling (temperature {args.temperature}, top_p {args.top_p}, seeded)"
 
 
 def _load_average() -> float:
@@ -136,8 +146,9 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     num_needed = max(args.num_prompts, max(concurrencies))
     prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
-                                 args.max_new_tokens, args.num_prompts, args.repeats, _log))
-    if not args.no_hf:
+                                 args.max_new_tokens, args.num_prompts, args.repeats, _log,
+                                 args.temperature, args.top_p))
+    if not args.no_hf and args.temperature == 0:
         from loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
         runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens,
@@ -160,22 +171,23 @@ def run(args: argparse.Namespace) -> int:
                                                         r.tree, r.concurrency))
     names = [s.name for s in specs]
     ratios = compute_ratios(rows, names)
-    check = check_outputs(runs, args.max_new_tokens)
+    check = check_outputs(runs, args.max_new_tokens, exact=args.temperature == 0)
     hi = concurrencies[-1]
     by_name = {r.name: r.value for r in ratios}
     checks = {f"spec >= {SPEED_OK}x target-only at c={hi} [{name}]":
               by_name[f"spec/target c={hi} [{name}]"] >= SPEED_OK
               for name in names if f"spec/target c={hi} [{name}]" in by_name}
     title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
-             f"greedy, {args.max_new_tokens} new tokens, {args.num_prompts} prompts x {args.repeats}, "
+             f"{_decoding(args)}, {args.max_new_tokens} new tokens, {args.num_prompts} prompts x {args.repeats}, "
              f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
              f"load average {load_before:.1f} -> {load_after:.1f}, {elapsed:.0f} s")
-    report = format_report(title, rows, ratios, check, checks)
+    report = format_report(title, rows, ratios, check, checks, exact=args.temperature == 0)
     if args.json:
         config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
                   "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
                   "repeats": args.repeats,
-                  "trees": names, "hf": not args.no_hf, "threads": args.threads,
+                  "trees": names, "hf": not args.no_hf and args.temperature == 0,
+                  "temperature": args.temperature, "top_p": args.top_p, "threads": args.threads,
                   "cpu_count": os.cpu_count(), "load_average": [load_before, load_after],
                   "elapsed_s": elapsed}
         print(report, file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from loadtest.bench_results import SPEC, TARGET, ModeRun, RequestSample, summari
 from specmesh.wire.tree_spec import TreeSpec
 
 WARMUP_TOKENS = 8
+SAMPLING_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,24 @@ class SpecConfig:
 class StackMode:
     kind: str  # TARGET | SPEC
     spec: SpecConfig | None = None
+    temperature: float = 0.0  # 0 = greedy; else seeded sampling (same seed every request)
+    top_p: float = 1.0
 
     @property
     def tree(self) -> str:
         return self.spec.name if self.spec else ""
 
     def params(self, max_new_tokens: int) -> GenerationParams:
-        """Greedy, exactly max_new_tokens (ignore_eos), speculating only in SPEC mode."""
+        """Exactly max_new_tokens (ignore_eos), greedy or seeded sampling, speculating only in
+        SPEC mode."""
+        sampling = dict(temperature=self.temperature, top_p=self.top_p,
+                        seed=SAMPLING_SEED if self.temperature > 0 else None)
         if self.spec is None:
             return GenerationParams(max_new_tokens=max_new_tokens, ignore_eos=True,
-                                    speculate=False)
+                                    speculate=False, **sampling)
         return GenerationParams(max_new_tokens=max_new_tokens, ignore_eos=True,
-                                tree=self.spec.tree, speculate=True, adaptive=self.spec.adaptive)
+                                tree=self.spec.tree, speculate=True, adaptive=self.spec.adaptive,
+                                **sampling)
 
 
 async def timed_request(client: AsyncSpecMeshClient, prompt_index: int, prompt_ids: list[int],
@@ -88,11 +95,13 @@ async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[
 
 async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
                     concurrencies: list[int], specs: list[SpecConfig], max_new_tokens: int,
-                    num_prompts: int, repeats: int, log: Callable[[str], None]) -> list[ModeRun]:
+                    num_prompts: int, repeats: int, log: Callable[[str], None],
+                    temperature: float = 0.0, top_p: float = 1.0) -> list[ModeRun]:
     """Every mode at every concurrency. A level runs max(c, num_prompts) requests; concurrency
     is the outer loop and the modes alternate `repeats` times within it, so a noisy stretch of
     time hits the modes being compared alike (their requests and wall times are pooled)."""
-    modes = [StackMode(TARGET)] + [StackMode(SPEC, s) for s in specs]
+    modes = [StackMode(TARGET, None, temperature, top_p)] + [
+        StackMode(SPEC, s, temperature, top_p) for s in specs]
     runs = []
     log(f"starting stack: target {target.name}, draft {draft.name}")
     async with LocalStack(target, draft) as stack, \
