@@ -18,6 +18,7 @@ from clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent, Sequence
 from clients.result_cache import ResultCache
 from clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
 from clients.step import Stubs
+from clients.stops import first_stop, visible_text
 from clients.tokenizer import TextCodec
 from clients.types import GenerationParams, GenerationResult, GenerationStats
 from specmesh.v1 import common_pb2, draft_pb2_grpc, verify_pb2_grpc
@@ -58,6 +59,12 @@ class AsyncSpecMeshClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    @property
+    def max_context(self) -> int:
+        """Tokens a sequence may reach: the smaller context window of the two models."""
+        sizes = [i.max_context for i in (self.target_info, self.draft_info) if i is not None]
+        return min(sizes)
+
     async def connect(self) -> None:
         verify_ch = grpc.aio.insecure_channel(self.verify_addr, options=CHANNEL_OPTIONS)
         self._channels.append(verify_ch)
@@ -93,7 +100,7 @@ class AsyncSpecMeshClient:
         self._channels.clear()
 
     # -- public API ------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], max_new_tokens: int = 128, *,
+    async def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, *,
                        params: GenerationParams | None = None, **kwargs) -> GenerationResult:
         """Generate to completion. kwargs override GenerationParams fields (temperature, top_p,
         top_k, seed, stop, ignore_eos, tree, speculate, adaptive)."""
@@ -102,7 +109,7 @@ class AsyncSpecMeshClient:
             result = event.result or result
         return result
 
-    async def stream(self, prompt: str | list[int], max_new_tokens: int = 128, *,
+    async def stream(self, prompt: str | list[int], max_new_tokens: int | None = None, *,
                      params: GenerationParams | None = None,
                      **kwargs) -> AsyncIterator[StreamEvent]:
         """Yield new tokens as each round commits them; the last event carries the result.
@@ -169,8 +176,10 @@ class _Generation:
 
     def _event(self, new: list[int], finish: str | None, matched: str = "") -> StreamEvent:
         self.generated += new
-        text = self.client.text(self.generated)
-        delta, self.text = text[len(self.text):], text
+        text = visible_text(self.client.text(self.generated), self.params.stop,
+                            finished=finish is not None)
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text if text.startswith(self.text) else self.text
         if finish is None:
             return StreamEvent(new, delta)
         self.stats.total_time_s = time.perf_counter() - self.start
@@ -190,8 +199,10 @@ class _Generation:
         loop.contexts[self.seq_id] = SequenceContext(
             self.spec, self.params.sampling_proto(), self.params.adaptive, queue.put_nowait)
         eos = self.client.target_info.eos_token_id
+        # the context window ends a generation like max_new_tokens does (finish "length")
+        room = self.client.max_context - len(self.prompt_ids)
         loop.scheduler.add(SequenceRequest(
-            self.seq_id, tuple(self.prompt_ids), self.params.max_new_tokens,
+            self.seq_id, tuple(self.prompt_ids), min(self.params.max_new_tokens, room),
             eos_token_id=eos if eos >= 0 else None, ignore_eos=self.params.ignore_eos,
             max_spec_tokens=self.spec.max_nodes))
         loop.wake.set()
@@ -202,13 +213,15 @@ class _Generation:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                self._account(item)
                 finish, matched = item.finish_reason, ""
-                if finish is None and self.params.stop:
-                    matched = self._stop_match(list(item.tokens))
-                    if matched:
-                        finish = "stop"
+                cut = first_stop(self.client.text, self.generated, item.tokens,
+                                 self.params.stop)
+                if cut is not None:  # keep exactly what one token per round would keep
+                    item = replace(item, tokens=item.tokens[:cut[0]])
+                    finish, matched = "stop", cut[1]
+                    if self.seq_id in loop.scheduler:
                         loop.scheduler.finish(self.seq_id, "stop")
+                self._account(item)
                 finished = finish is not None
                 yield self._event(list(item.tokens), finish, matched)
         finally:
@@ -216,11 +229,6 @@ class _Generation:
             if not finished and self.seq_id in loop.scheduler:
                 loop.scheduler.finish(self.seq_id, "cancelled")
                 loop.wake.set()
-
-    def _stop_match(self, new: list[int]) -> str:
-        text = self.client.text(self.generated + new)
-        hits = [(text.find(s), s) for s in self.params.stop if s and s in text]
-        return min(hits)[1] if hits else ""
 
     def _account(self, ev: RoundEvent) -> None:
         s = self.stats
@@ -233,13 +241,16 @@ class _Generation:
         s.num_generated_tokens += len(ev.tokens)
 
 
-def _params(params: GenerationParams | None, max_new_tokens: int, kwargs: dict) -> GenerationParams:
+def _params(params: GenerationParams | None, max_new_tokens: int | None,
+            kwargs: dict) -> GenerationParams:
     p = params or GenerationParams()
     if isinstance(kwargs.get("tree"), str):
         kwargs["tree"] = TreeSpec.parse(kwargs["tree"])
     if "stop" in kwargs:
         kwargs["stop"] = tuple(kwargs["stop"] or ())
-    p = replace(p, max_new_tokens=max_new_tokens, **kwargs)
+    if max_new_tokens is not None:  # else params' own (GenerationParams' default: 128)
+        kwargs["max_new_tokens"] = max_new_tokens
+    p = replace(p, **kwargs)
     try:
         p.validate()
         p.tree.validate("tree")

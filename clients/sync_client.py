@@ -26,11 +26,11 @@ class SpecMeshClient:
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 128,
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None,
                  **kwargs) -> GenerationResult:
         return self._run(self._client.generate(prompt, max_new_tokens, **kwargs))
 
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 128,
+    def stream(self, prompt: str | list[int], max_new_tokens: int | None = None,
                **kwargs) -> Iterator[StreamEvent]:
         out: queue.Queue = queue.Queue()
         done = object()
