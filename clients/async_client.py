@@ -40,8 +40,11 @@ class StreamEvent:
 class AsyncSpecMeshClient:
     def __init__(self, verify_addr: str, draft_addr: str | None = None,
                  tokenizer_dir: str | None = None, *, cache_addr: str | None = None,
-                 scheduler: SchedulerConfig | None = None):
+                 scheduler: SchedulerConfig | None = None, retry_deadline_s: float = 30.0):
+        """retry_deadline_s: how long a request keeps retrying (with capped exponential
+        backoff) while the verify service is unreachable before it fails with UNAVAILABLE."""
         self.verify_addr = verify_addr
+        self.retry_deadline_s = retry_deadline_s
         self.draft_addr = draft_addr
         self.codec = TextCodec(tokenizer_dir) if tokenizer_dir else None
         self.results = ResultCache(cache_addr) if cache_addr else None
@@ -81,7 +84,8 @@ class AsyncSpecMeshClient:
                                      f"target vocab {self.target_info.vocab_size}")
         contexts: dict[str, SequenceContext] = {}
         policy = PerRequestPolicy(contexts)
-        self._loop = BatchLoop(Stubs(draft, verify), Scheduler(self._scheduler_config, policy),
+        stubs = Stubs(draft, verify, retry_deadline_s=self.retry_deadline_s)
+        self._loop = BatchLoop(stubs, Scheduler(self._scheduler_config, policy),
                                contexts, policy)
         self._task = asyncio.get_running_loop().create_task(self._loop.run())
 

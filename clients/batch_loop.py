@@ -19,7 +19,7 @@ from clients.adaptive import AdaptiveSpeculation
 from clients.scheduler import Scheduler, StepPlan
 from clients.step import ProposeCall, Stubs, VerifyCall, propose_batch, verify_batch
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
-from specmesh.wire.errors import error_from_rpc
+from specmesh.wire.errors import NotReady, error_from_rpc
 from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class BatchLoop:
         self.policy = policy
         self.wake = asyncio.Event()
         self.backoff_s = 0.0
+        self.outage_since: dict[str, float] = {}  # seq_id -> first unanswered Verify
 
     async def run(self) -> None:
         """Forever: wait for work, run one round."""
@@ -152,8 +153,10 @@ class BatchLoop:
         return max(depths) + 1
 
     def _commit(self, seq_id: str, proposal, reply) -> bool:
-        """Apply one sequence's outcome; True when the verifier was out of room."""
+        """Apply one sequence's outcome; True when the round should back off (the verifier was
+        out of room or did not answer)."""
         if seq_id not in self.scheduler:  # finished meanwhile (stop string, cancelled)
+            self.outage_since.pop(seq_id, None)
             return False
         ctx = self.contexts[seq_id]
         if isinstance(reply, grpc.aio.AioRpcError):
@@ -161,7 +164,9 @@ class BatchLoop:
             if code == grpc.StatusCode.NOT_FOUND:
                 self.scheduler.reset_remote(seq_id, "target")  # evicted: resend full context
                 return False
-            if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return self._outage(seq_id, reply)
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # preempt by recompute (as vLLM does): free its KV so the others can finish,
                 # and resend the full context when it is admitted again
                 self.scheduler.requeue(seq_id)
@@ -175,6 +180,8 @@ class BatchLoop:
             self.scheduler.finish(seq_id, "error")
             ctx.sink(reply)
             return False
+        if self.outage_since.pop(seq_id, None) is not None and not self.outage_since:
+            log.warning("verify service answering again")
         drafted = len(proposal.tree.tokens) if isinstance(proposal, draft_pb2.ProposeResponse) \
             else 0
         result = self.scheduler.commit(
@@ -187,6 +194,24 @@ class BatchLoop:
                                                reply.num_accepted_draft_tokens)
         ctx.sink(RoundEvent(result.appended, result.finish_reason, drafted,
                             reply.num_accepted_draft_tokens))
+        return False
+
+    def _outage(self, seq_id: str, err: grpc.aio.AioRpcError) -> bool:
+        """The verify service did not answer: keep the sequence (the round is retried after a
+        capped exponential backoff) until `retry_deadline_s`, then fail it clearly. Logs once
+        per outage, not once per round."""
+        now = time.monotonic()
+        if not self.outage_since:
+            log.warning("verify service %s (%s); retrying for up to %.0f s",
+                        err.code().name, err.details(), self.stubs.retry_deadline_s)
+        since = self.outage_since.setdefault(seq_id, now)
+        if now - since < self.stubs.retry_deadline_s:
+            return True
+        self.outage_since.pop(seq_id, None)
+        self.scheduler.finish(seq_id, "error")
+        self.contexts[seq_id].sink(NotReady(
+            f"verify service {err.code().name} for {now - since:.1f} s (retried with backoff): "
+            f"{err.details()}"))
         return False
 
     async def _release(self, seq_ids, verify_too: bool = True) -> None:

@@ -36,11 +36,12 @@ class Stubs:
     """The stubs a round needs plus per-call timeouts."""
 
     def __init__(self, draft, verify, draft_timeout_s: float = 10.0,
-                 verify_timeout_s: float = 60.0):
+                 verify_timeout_s: float = 60.0, retry_deadline_s: float = 30.0):
         self.draft = draft
         self.verify = verify
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
+        self.retry_deadline_s = retry_deadline_s  # a sequence's verify outage before it fails
 
 
 def header(seq_id: str, tokens: Sequence[int], num_cached: int) -> common_pb2.SequenceHeader:

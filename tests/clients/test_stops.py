@@ -78,3 +78,4 @@ async def test_context_window_ends_with_length_and_params_are_honoured(models):
         res = await client.generate(prompt, params=GenerationParams(max_new_tokens=20,
                                                                     ignore_eos=True))
         assert len(res.token_ids) == 20
+

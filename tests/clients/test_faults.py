@@ -1,0 +1,28 @@
+"""The client's fault policy: an unreachable verify service ends requests clearly, in time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from clients.async_client import AsyncSpecMeshClient
+from clients.types import GenerationParams
+from specmesh.wire.errors import SpecMeshError
+from tests.conftest import TINY_TARGET
+from tests.stack import model_server
+
+
+@pytest.mark.models
+async def test_verify_gone_for_good_fails_within_the_deadline(models):
+    async with model_server("verify", models / TINY_TARGET) as (verify, _):
+        client = AsyncSpecMeshClient(verify, None, retry_deadline_s=1.5)
+        await client.connect()
+    try:  # the server is stopped now
+        start = time.monotonic()
+        with pytest.raises(SpecMeshError) as info:
+            await client.generate([1, 403, 407], params=GenerationParams(max_new_tokens=8))
+        assert "UNAVAILABLE" in str(info.value)
+        assert time.monotonic() - start < 1.5 + 3.0
+    finally:
+        await client.close()
