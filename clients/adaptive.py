@@ -163,7 +163,9 @@ class AdaptiveSpeculation:
             return
         num_accepted = min(max(num_accepted, 0), depth)
         decay = self.config.acceptance_decay
-        self._state(seq_id).acceptance.observe(depth, num_accepted, decay)
+        state = self._seqs.get(seq_id)  # none after forget(): no state is recreated
+        if state is not None:
+            state.acceptance.observe(depth, num_accepted, decay)
         self._global.observe(depth, num_accepted, decay)
 
     def observe_draft(self, depth: int, seconds: float) -> None:

@@ -68,6 +68,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Release(self, request, context):
         n = await self.worker.call(self.engine.release, list(request.sequence_ids))
+        if self.metrics is not None:
+            self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
+                                       self.engine.kv.num_free_blocks)
         return draft_pb2.ReleaseResponse(num_released=n)
 
     async def GetModelInfo(self, request, context):

@@ -93,6 +93,9 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
 
     async def Release(self, request, context):
         n = await self.worker.call(self.engine.release, list(request.sequence_ids))
+        if self.metrics is not None:
+            self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
+                                       self.engine.kv.num_free_blocks)
         return verify_pb2.VerifyReleaseResponse(num_released=n)
 
     async def GetModelInfo(self, request, context):

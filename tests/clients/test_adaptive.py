@@ -146,3 +146,11 @@ def test_bad_config_is_rejected():
         AdaptiveConfig(acceptance_decay=0)
     with pytest.raises(ValueError, match="fallback"):
         LinearCost(0.5, fallback="quadratic")
+
+
+def test_observe_after_forget_keeps_no_state():
+    p = measured(prior_acceptance=0.8)
+    p.choose("s", 1)
+    p.forget("s")
+    p.observe_round("s", depth=4, num_accepted=2)  # a late reply for a finished sequence
+    assert "s" not in p._seqs

@@ -21,6 +21,7 @@ from specmesh.wire.errors import SpecMeshError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_CONCURRENT_RPCS = 1024  # per server; more in flight get RESOURCE_EXHAUSTED
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -152,13 +153,18 @@ async def build_server(
     host: str = "127.0.0.1",
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
 ) -> Server:
     """Build an aio server with the error interceptor, health (NOT_SERVING) and reflection.
 
-    port=0 binds a free port; the bound one is returned in `Server.port`.
+    port=0 binds a free port; the bound one is returned in `Server.port`. RPCs beyond
+    `max_concurrent_rpcs` in flight are refused with RESOURCE_EXHAUSTED by gRPC itself.
     """
+    # SO_REUSEPORT off: a second server on a taken port fails instead of splitting traffic
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors], options=CHANNEL_OPTIONS
+        interceptors=[ErrorInterceptor(), *interceptors],
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add, servicer in servicers:
         add(servicer, server)
