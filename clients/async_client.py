@@ -37,6 +37,9 @@ class StreamEvent:
     result: GenerationResult | None = None  # set on the last event
 
 
+MAX_PROMPT_BYTES_PER_TOKEN = 64  # a text prompt over 64 bytes x context is refused untokenized
+
+
 class AsyncSpecMeshClient:
     def __init__(self, verify_addr: str, draft_addr: str | None = None,
                  tokenizer_dir: str | None = None, *, cache_addr: str | None = None,
@@ -119,7 +122,7 @@ class AsyncSpecMeshClient:
         """Yield new tokens as each round commits them; the last event carries the result.
         Closing the iterator early (or cancelling the task) cancels the generation."""
         p = _params(params, max_new_tokens, kwargs)
-        prompt_ids = self._encode(prompt)
+        prompt_ids = await self._encode(prompt)
         if len(prompt_ids) + 1 > self.target_info.max_context:
             raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens leave no room in the "
                                  f"context of {self.target_info.max_context}")
@@ -149,13 +152,23 @@ class AsyncSpecMeshClient:
     def _fp(info) -> str:
         return info.fingerprint if info is not None else ""
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    async def _encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; text is bounded (MAX_PROMPT_BYTES) and tokenized off the
+        event loop, so one huge prompt never stalls the other generations."""
+        limit = MAX_PROMPT_BYTES_PER_TOKEN * self.max_context
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "empty prompt")
             if self.codec is None:
                 raise InvalidRequest("prompt", "text prompts need tokenizer_dir")
-            return self.codec.encode(prompt)
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise InvalidRequest("prompt", f"{size} bytes; at most {limit} "
+                                     f"({MAX_PROMPT_BYTES_PER_TOKEN} per token of context)")
+            return await asyncio.to_thread(self.codec.encode, prompt)
+        if len(prompt) > self.max_context:
+            raise InvalidRequest("prompt", f"{len(prompt)} tokens; the context holds "
+                                 f"{self.max_context}")
         ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidRequest("prompt", "empty prompt")

@@ -26,3 +26,18 @@ async def test_verify_gone_for_good_fails_within_the_deadline(models):
         assert time.monotonic() - start < 1.5 + 3.0
     finally:
         await client.close()
+
+
+@pytest.mark.models
+async def test_oversized_prompts_are_refused_before_tokenizing(models):
+    from specmesh.wire.errors import InvalidRequest
+
+    async with model_server("verify", models / TINY_TARGET) as (verify, _), \
+            AsyncSpecMeshClient(verify, None, str(models / TINY_TARGET)) as client:
+        with pytest.raises(InvalidRequest) as info:
+            await client.generate("word " * 1_000_000, params=GenerationParams(max_new_tokens=4))
+        assert info.value.field == "prompt" and "bytes" in str(info.value)
+        with pytest.raises(InvalidRequest):
+            await client.generate([1] * 10_000, params=GenerationParams(max_new_tokens=4))
+        ok = await client.generate("Once upon a time", params=GenerationParams(max_new_tokens=4))
+        assert len(ok.token_ids) == 4
