@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -31,6 +32,8 @@ CHANNEL_OPTIONS = [
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SpecMeshError):
         return exc.code, str(exc)
+    if isinstance(exc, DecodeError):  # a streamed request message that does not parse
+        return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
     log.exception("unhandled error in handler", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}; see the service log)"
 
