@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.invariant import project_rows
+
 log = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4
@@ -66,6 +68,8 @@ def _packed_matches(w: torch.Tensor, packed: torch.Tensor) -> bool:
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out], equal to `layer(x)` up to summation order."""
+    if getattr(layer, "row_wise", False):  # batch-invariant mode: one GEMV per row
+        return project_rows(layer, x)
     packed = getattr(layer, "packed_weight", None)
     rows = x.shape[0]
     if packed is None or x.dim() != 2 or not PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS:

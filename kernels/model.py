@@ -13,6 +13,7 @@ from torch import nn
 
 from kernels.attention_metadata import AttentionMetadata
 from kernels.config import ModelConfig
+from kernels.invariant import attention_per_query
 from kernels.linear import pack_linear, project
 from kernels.tree_attention import tree_attention
 
@@ -76,6 +77,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj: nn.Linear | None = None  # fused copy made by fuse(); one GEMM not three
+        self.batch_invariant = False  # see kernels.invariant
 
     def fuse(self) -> None:
         """Concatenate q/k/v weights into one projection (after the checkpoint is loaded)."""
@@ -115,7 +117,8 @@ class Attention(nn.Module):
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
         flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
-        out = tree_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        attend = attention_per_query if self.batch_invariant else tree_attention
+        out = attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return project(self.o_proj, out.reshape(num_tokens, -1))
 
 
@@ -197,6 +200,15 @@ class Transformer(nn.Module):
         weight = self.lm_head.weight
         self.rope = RopeTable(self.config.max_position_embeddings, self.config.head_dim,
                               self.config.rope_theta, weight.dtype, weight.device)
+
+    def set_batch_invariant(self, on: bool = True) -> None:
+        """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention); see
+        `kernels.invariant`. Slower: for reproducibility, not speed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.row_wise = on
+            elif isinstance(module, Attention):
+                module.batch_invariant = on
 
     @torch.inference_mode()
     def forward(

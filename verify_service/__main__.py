@@ -23,6 +23,7 @@ async def build_servicer(config: ModelServiceConfig,
     """Load the target model (off the event loop) and wrap it in a batched servicer."""
     loaded = await asyncio.to_thread(load_model, config.model, getattr(torch, config.dtype),
                                      config.device)
+    loaded.model.set_batch_invariant(config.batch_invariant)
     engine = VerifyEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
     worker = make_batcher(engine.verify_batch, config, metrics)
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,

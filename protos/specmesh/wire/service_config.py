@@ -32,6 +32,9 @@ class ModelServiceConfig:
     """Prometheus /metrics port; None = no metrics server."""
     cache_addr: str | None = None
     """host:port of the cache service for prefix KV; None = no prefix cache."""
+    batch_invariant: bool = False
+    """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
+    output never depends on its batch mates or its tree. Much slower; for reproducibility."""
     prefix_chunk_size: int = 16
     """Tokens per prefix-KV chunk in the cache (part of every chunk key: the draft and verify
     services of one deployment should agree, though each model has its own keys anyway)."""
@@ -61,6 +64,8 @@ def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) 
     parser.add_argument("--idle-evict-s", type=float, default=60.0)
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--cache-addr", default=None, help="cache service host:port")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="bitwise batch-invariant logits (much slower; see README)")
     parser.add_argument("--prefix-chunk-size", type=int, default=16,
                         help="tokens per prefix-KV chunk in the cache")
 
