@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_FINGERPRINT_CHARS = 256
-MAX_TOKENS = 1 << 20
+MAX_TOKENS = 1 << 17  # per key; hashing is linear in tokens (1M tokens took 10 s)
+OFF_LOOP_TOKENS = 4096  # key chains longer than this are hashed off the event loop
 MAX_CHUNK_SIZE = 1 << 16
 MAX_KEYS = 1 << 16
 MAX_TOKEN_ID = (1 << 31) - 1
@@ -68,10 +69,18 @@ class CacheEngine:
             raise InvalidRequest(f"{where}chunk_size", f"{chunk_size} not in [1, {MAX_CHUNK_SIZE}]")
         return keys.chunk_keys(fingerprint, token_ids, chunk_size)
 
+    async def chunk_keys_async(self, fingerprint: str, token_ids: Sequence[int],
+                               chunk_size: int, where: str = "") -> list[str]:
+        """`chunk_keys`, hashed on a worker thread when long, so other calls keep flowing."""
+        if len(token_ids) <= OFF_LOOP_TOKENS:
+            return self.chunk_keys(fingerprint, token_ids, chunk_size, where)
+        return await asyncio.to_thread(self.chunk_keys, fingerprint, token_ids, chunk_size,
+                                       where)
+
     async def lookup_prefix(self, fingerprint: str, token_ids: Sequence[int],
                             chunk_size: int) -> PrefixLookup:
         """Longest run of leading chunks whose markers exist."""
-        all_keys = self.chunk_keys(fingerprint, token_ids, chunk_size)
+        all_keys = await self.chunk_keys_async(fingerprint, token_ids, chunk_size)
         start = self._clock()
         present = await self._redis("lookup_prefix", lambda: self.store.has_chunks(all_keys), [])
         num_chunks = next((i for i, ok in enumerate(present) if not ok), len(present))

@@ -70,7 +70,7 @@ class ChunkAssembler:
             raise InvalidRequest("piece.data", f"chunk {self.index} exceeds its "
                                  f"{self.meta.num_bytes} bytes")
         if self.buf is not None:
-            self.buf[self.received:end] = piece.data
+            self.buf += piece.data  # grows with what arrived (offsets checked above)
         self.received = end
         return self._finish() if end == self.meta.num_bytes else None
 
@@ -93,7 +93,8 @@ class ChunkAssembler:
         if meta.sha256 and len(meta.sha256) != 32:
             raise InvalidRequest("piece.meta.sha256", "must be 32 bytes or empty")
         self.index, self.meta, self.received = piece.index, meta, 0
-        self.buf = bytearray(size) if self.fits(size) else None
+        # nothing is reserved for the declared size: an idle stream holds no memory
+        self.buf = bytearray() if self.fits(size) else None
 
     def _finish(self) -> tuple[int, ChunkData | None]:
         meta, buf, self.meta, self.buf = self.meta, self.buf, None, None
@@ -140,7 +141,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if message.WhichOneof("part") != "header":
                     raise InvalidRequest("header", "the first PutChunks message must be a header")
                 header = message.header
-                keys = self._put_keys(header)
+                keys = await self._put_keys(header)
                 assembler = ChunkAssembler(len(keys), self.engine.chunk_fits)
                 continue
             if message.WhichOneof("part") != "piece":
@@ -161,10 +162,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             raise InvalidRequest("piece", f"stream ended inside chunk {assembler.index}")
         return cache_pb2.PutChunksResponse(num_stored=stored, num_skipped=skipped)
 
-    def _put_keys(self, header: cache_pb2.PutChunksHeader) -> list[str]:
+    async def _put_keys(self, header: cache_pb2.PutChunksHeader) -> list[str]:
         """Keys of chunks start_chunk.. of the header's tokens."""
-        keys = self.engine.chunk_keys(header.fingerprint, list(header.token_ids),
-                                      header.chunk_size, where="header.")
+        keys = await self.engine.chunk_keys_async(header.fingerprint, list(header.token_ids),
+                                                  header.chunk_size, where="header.")
         if not 0 <= header.start_chunk <= len(keys):
             raise InvalidRequest("header.start_chunk", f"{header.start_chunk} not in "
                                  f"[0, {len(keys)}] (full chunks of header.token_ids)")

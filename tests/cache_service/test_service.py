@@ -310,3 +310,22 @@ async def test_command_line_serves_and_exports_metrics(redis_server):
         proc.terminate()
         assert proc.wait(timeout=30) == 0
 
+
+
+async def test_long_lookups_are_bounded_and_do_not_stall_others(cache):
+    from cache_service.engine import MAX_TOKENS
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cache.stub.LookupPrefix(cache_pb2.LookupPrefixRequest(
+            fingerprint="f" * 32, token_ids=[1] * (MAX_TOKENS + 1), chunk_size=16))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token_ids" in info.value.details()
+    # a long legal lookup is hashed off the event loop: a Stats call meanwhile answers quickly
+    long = asyncio.ensure_future(cache.stub.LookupPrefix(cache_pb2.LookupPrefixRequest(
+        fingerprint="f" * 32, token_ids=[1] * MAX_TOKENS, chunk_size=1)))
+    await asyncio.sleep(0.01)
+    start = time.perf_counter()
+    await cache.stub.Stats(cache_pb2.StatsRequest())
+    quick = time.perf_counter() - start
+    reply = await long
+    assert reply.num_tokens == 0 and quick < 1.0
