@@ -53,6 +53,18 @@ from kernels.tree import TreeBuffers
 MIN_TEMPERATURE = 1e-5
 
 
+class InvalidSampling(ValueError):
+    """A sampling parameter is out of range: the caller's fault (services answer
+    INVALID_ARGUMENT on `field`), unlike other ValueErrors here, which are broken invariants."""
+
+    wire_status = "INVALID_ARGUMENT"
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.field = f"sampling.{name}"
+        self.problem = message
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How logits become the distribution a token is drawn from (HF transformers semantics)."""
@@ -72,15 +84,16 @@ class SamplingConfig:
         return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
-        """Raise ValueError naming the field when a value is out of range."""
+        """Raise InvalidSampling (a ValueError) naming the field when a value is out of range."""
         if not (self.temperature >= 0.0 and self.temperature != float("inf")):
-            raise ValueError(
-                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise InvalidSampling("temperature", f"temperature must be a finite number >= 0 "
+                                  f"(0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSampling("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) \
                 or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise InvalidSampling("top_k", f"top_k must be an integer >= 0 (0 = off), "
+                                  f"got {self.top_k!r}")
 
 
 def warp_logits_to_probs(

@@ -70,8 +70,8 @@ def as_wire_error(exc: Exception) -> Exception:
     """Map a domain error from an engine's lower layers to its SpecMeshError class.
 
     Lower layers (kernels) know nothing of gRPC; their errors declare `wire_status`
-    ("INVALID_ARGUMENT" with `field`/`problem`, or "NOT_FOUND"). A plain ValueError is an invalid
-    request about `default_field`. Anything else passes through (it becomes INTERNAL).
+    ("INVALID_ARGUMENT" with `field`/`problem`, or "NOT_FOUND"). Anything else passes through
+    and becomes INTERNAL: a plain ValueError is a broken invariant, not the caller's fault.
     """
     if isinstance(exc, SpecMeshError):
         return exc
@@ -82,6 +82,4 @@ def as_wire_error(exc: Exception) -> Exception:
         seq = exc.args[0] if exc.args else "?"
         return UnknownSequence(f"header.sequence_id: unknown sequence {seq!r} (never seen, "
                                "released or evicted); resend with num_cached_tokens=0")
-    if isinstance(exc, ValueError):
-        return InvalidRequest("sampling", str(exc))
     return exc
