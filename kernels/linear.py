@@ -3,7 +3,7 @@
 Decoding runs 1 row per sequence and verification 1 + tree rows, so the projections of a
 decoder are GEMMs with M = 1..17 rows against a large weight: memory-bound work whose cost
 should be one sweep over the weight whatever M is. MKL's plain sgemm is not flat there (on a
-2-core Xeon, the 78M stand-in's weights: 12 ms at M=1, 31 ms at M=9); MKL's packed GEMM
+2-core Xeon, the 78M stand-in's weights: 14 ms at M=1, 32 ms at M=9); MKL's packed GEMM
 (`cblas_sgemm_pack` + `cblas_sgemm_compute`, what inductor's weight freezing uses) is nearly flat
 (20 ms at M=9) but loses at M <= 3 and for large M. So on CPU in float32:
 
