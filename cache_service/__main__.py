@@ -38,7 +38,7 @@ async def start_server(config: CacheServiceConfig) -> tuple[Server, CacheService
     servicer = build_servicer(config)
     server = await build_server(
         [(cache_pb2_grpc.add_CacheServiceServicer_to_server, servicer)], [SERVICE_NAME],
-        port=config.port, host=config.host)
+        port=config.port, host=config.host, max_message_bytes=config.max_message_bytes)
     await server.start()
     await server.set_serving(True)
     return server, servicer

@@ -25,6 +25,8 @@ class CacheServiceConfig:
     """KV chunks bigger than this are not cached (and not buffered while they stream in)."""
     piece_bytes: int = 1 << 20
     """GetChunks streams each chunk in pieces of at most this many bytes."""
+    max_message_bytes: int = 4 << 20
+    """Largest gRPC message either way (chunks stream in pieces of piece_bytes)."""
     redis_timeout_s: float = 0.5
     """Socket (connect and read) timeout of every Redis call; a slow Redis is a miss."""
     retry_after_s: float = 1.0
@@ -41,8 +43,8 @@ class CacheServiceConfig:
             raise ValueError("chunk_ttl_s and result_ttl_s must be >= 0")
         if min(self.max_result_bytes, self.max_chunk_bytes, self.piece_bytes) <= 0:
             raise ValueError("max_result_bytes, max_chunk_bytes and piece_bytes must be positive")
-        if self.piece_bytes > 32 << 20:
-            raise ValueError("piece_bytes must be <= 32 MiB (under the gRPC message limit)")
+        if self.piece_bytes > self.max_message_bytes - (64 << 10):
+            raise ValueError("piece_bytes must be at least 64 KiB under max_message_bytes")
         if self.redis_timeout_s <= 0 or self.retry_after_s < 0:
             raise ValueError("redis_timeout_s must be positive, retry_after_s >= 0")
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from clients.async_client import AsyncSpecMeshClient
-from clients.types import GenerationParams
+from clients.types import MAX_NEW_TOKENS_LIMIT, GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
@@ -22,19 +22,21 @@ SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_
 FINISH = {"length": generate_pb2.FINISH_REASON_LENGTH, "eos": generate_pb2.FINISH_REASON_EOS,
           "stop": generate_pb2.FINISH_REASON_STOP,
           "cancelled": generate_pb2.FINISH_REASON_CANCELLED}
-MAX_NEW_TOKENS_LIMIT = 4096
+GATEWAY_MAX_MESSAGE_BYTES = 4 << 20  # a request is a prompt (capped per context token anyway)
 
 
 def to_params(req: generate_pb2.GenerateRequest, defaults: GenerationParams) -> GenerationParams:
     """Request -> GenerationParams; InvalidRequest names the field."""
-    if req.max_new_tokens < 0 or req.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-        raise InvalidRequest("max_new_tokens", f"{req.max_new_tokens} not in [0, "
-                             f"{MAX_NEW_TOKENS_LIMIT}] (0 = default)")
+    max_new_tokens = (req.max_new_tokens if req.HasField("max_new_tokens")
+                      else defaults.max_new_tokens)
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidRequest("max_new_tokens", f"{max_new_tokens} not in [1, "
+                             f"{MAX_NEW_TOKENS_LIMIT}] (unset = server default)")
     temperature, top_p, top_k, seed = sampling_from_proto(req.sampling)
     tree = TreeSpec.from_proto(req.tree_spec) if req.HasField("tree_spec") else defaults.tree
     speculate = req.speculate if req.HasField("speculate") else defaults.speculate
     return GenerationParams(
-        max_new_tokens=req.max_new_tokens or defaults.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(req.stop),
         ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
         adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive)
@@ -81,7 +83,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
 async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir: str | None,
                         port: int = 0, host: str = "127.0.0.1",
                         defaults: GenerationParams | None = None, cache_addr: str | None = None,
-                        metrics_port: int | None = None):
+                        metrics_port: int | None = None,
+                        max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES):
     """Connect the client, bind the gateway (SERVING once connected); return (server, servicer)."""
     client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr)
     await client.connect()
@@ -91,7 +94,8 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
     servicer = GenerateServicer(client, defaults, metrics)
     server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
                                   servicer)], [SERVICE_NAME], port=port, host=host,
-                                interceptors=[MetricsInterceptor(metrics)])
+                                interceptors=[MetricsInterceptor(metrics)],
+                                max_message_bytes=max_message_bytes)
     await server.start()
     await server.set_serving(True)
     return server, servicer
@@ -102,7 +106,8 @@ async def serve(args: argparse.Namespace) -> None:
                                 speculate=args.draft_addr is not None)
     server, servicer = await start_gateway(args.verify_addr, args.draft_addr, args.tokenizer,
                                            args.port, args.host, defaults, args.cache_addr,
-                                           args.metrics_port)
+                                           args.metrics_port,
+                                           int(args.max_message_mb * (1 << 20)))
     print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
     await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
     await servicer.client.close()
@@ -119,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", default="chain:4", help="default tree spec")
     parser.add_argument("--adaptive", action="store_true", help="adaptive speculation default")
     parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--max-message-mb", type=float,
+                        default=GATEWAY_MAX_MESSAGE_BYTES / (1 << 20),
+                        help="largest gRPC message either way, MiB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:

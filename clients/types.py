@@ -8,6 +8,9 @@ from specmesh.v1 import common_pb2
 from specmesh.wire.tree_spec import TreeSpec
 
 
+MAX_NEW_TOKENS_LIMIT = 4096  # one limit for the CLI, the client and the gateway
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 128
@@ -22,8 +25,9 @@ class GenerationParams:
     adaptive: bool = False  # pick the tree size each round from measured acceptance and costs
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} not in [1, "
+                             f"{MAX_NEW_TOKENS_LIMIT}]")
         if self.temperature < 0:
             raise ValueError(f"temperature: {self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:

@@ -24,7 +24,8 @@ async def model_server(kind: str, model: pathlib.Path, **config):
     else:
         servicer = await build_verify(cfg)
         add, name = verify_pb2_grpc.add_VerifyServiceServicer_to_server, VERIFY_NAME
-    server = await build_server([(add, servicer)], [name], port=0)
+    server = await build_server([(add, servicer)], [name], port=0,
+                                max_message_bytes=int(cfg.max_message_mb * (1 << 20)))
     await server.start()
     await server.set_serving(True)
     try:

@@ -41,3 +41,12 @@ def test_missing_models_give_a_clear_error(tmp_path):
                          text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert "SPECMESH_MODEL_DIR" in out.stderr and "not found" in out.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "4097"])
+def test_max_new_tokens_limits_match_the_gateway(models, value):
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
+    out = subprocess.run(["specmesh", "generate", "hi", "--max-new-tokens", value],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert "max_new_tokens" in out.stderr and "[1, 4096]" in out.stderr, out.stderr

@@ -50,6 +50,10 @@ async def test_gateway_streams_the_target_output(models):
                         ids=[1, 99999])), "token_ids.ids[1]"),
                     (generate_pb2.GenerateRequest(text="x", max_new_tokens=-1),
                      "max_new_tokens"),
+                    (generate_pb2.GenerateRequest(text="x", max_new_tokens=0),
+                     "max_new_tokens"),  # 0 is rejected, as the CLI and client do
+                    (generate_pb2.GenerateRequest(text="x", max_new_tokens=4097),
+                     "max_new_tokens"),
                     (generate_pb2.GenerateRequest(text="x", sampling=common_pb2.SamplingParams(
                         temperature=1, top_p=2)), "sampling.top_p"),
                     (generate_pb2.GenerateRequest(text="x", tree_spec=common_pb2.TreeSpec(

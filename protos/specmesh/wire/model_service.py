@@ -30,7 +30,8 @@ async def run_model_service(
         print(f"metrics on :{port}/metrics", flush=True)
     server = await build_server([(add_to_server, servicer_holder)], [service_name],
                                 port=config.port, host=config.host,
-                                interceptors=[MetricsInterceptor(metrics)])
+                                interceptors=[MetricsInterceptor(metrics)],
+                                max_message_bytes=int(config.max_message_mb * (1 << 20)))
     await server.start()
     print(f"{service_name} listening on {config.host}:{server.port}", flush=True)
     servicer_holder.target = await make_servicer(metrics)

@@ -21,12 +21,18 @@ from specmesh.wire.errors import SpecMeshError
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # clients' receive limit; each server sets its own
 MAX_CONCURRENT_RPCS = 1024  # per server; more in flight get RESOURCE_EXHAUSTED
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel/server options capping one message each way; a bigger one is refused with
+    RESOURCE_EXHAUSTED before it is decoded."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+CHANNEL_OPTIONS = message_options(MAX_MESSAGE_BYTES)
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -157,16 +163,18 @@ async def build_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Server:
     """Build an aio server with the error interceptor, health (NOT_SERVING) and reflection.
 
     port=0 binds a free port; the bound one is returned in `Server.port`. RPCs beyond
-    `max_concurrent_rpcs` in flight are refused with RESOURCE_EXHAUSTED by gRPC itself.
+    `max_concurrent_rpcs` in flight, and messages over `max_message_bytes`, are refused with
+    RESOURCE_EXHAUSTED by gRPC itself.
     """
     # SO_REUSEPORT off: a second server on a taken port fails instead of splitting traffic
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(), *interceptors],
-        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add, servicer in servicers:

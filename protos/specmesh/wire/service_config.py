@@ -35,13 +35,16 @@ class ModelServiceConfig:
     batch_invariant: bool = False
     """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
     output never depends on its batch mates or its tree. Much slower; for reproducibility."""
+    max_message_mb: float = 64.0
+    """Largest request or response message, MiB (a batched Verify carries every running
+    sequence's tree and, when sampling, its draft distributions)."""
     prefix_chunk_size: int = 16
     """Tokens per prefix-KV chunk in the cache (part of every chunk key: the draft and verify
     services of one deployment should agree, though each model has its own keys anyway)."""
 
     def __post_init__(self):
-        if self.kv_cache_mb <= 0:
-            raise ValueError("kv_cache_mb must be positive")
+        if self.kv_cache_mb <= 0 or self.max_message_mb <= 0:
+            raise ValueError("kv_cache_mb and max_message_mb must be positive")
         if self.prefix_chunk_size <= 0:
             raise ValueError("prefix_chunk_size must be positive")
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_wait_ms < 0:
@@ -66,6 +69,8 @@ def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) 
     parser.add_argument("--cache-addr", default=None, help="cache service host:port")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="bitwise batch-invariant logits (much slower; see README)")
+    parser.add_argument("--max-message-mb", type=float, default=64.0,
+                        help="largest gRPC message either way, MiB")
     parser.add_argument("--prefix-chunk-size", type=int, default=16,
                         help="tokens per prefix-KV chunk in the cache")
 
