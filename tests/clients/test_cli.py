@@ -35,6 +35,13 @@ def test_generate_json_spec_and_no_spec_agree(models):
     assert spec["tree"] == "chain:4"
 
 
+def test_stop_string_cuts_the_same_text_in_every_mode(models):
+    runs = [run_cli(models, "--max-new-tokens", "60", "--stop", "Lily", *mode)
+            for mode in (["--no-spec"], ["--k", "4"], ["--tree", "dynamic:8"])]
+    assert len({r["text"] for r in runs}) == 1
+    assert runs[0]["text"] == ", there was a little girl named "
+
+
 def test_missing_models_give_a_clear_error(tmp_path):
     env = dict(os.environ, SPECMESH_MODEL_DIR=str(tmp_path))
     out = subprocess.run(["specmesh", "generate", "hi", "--json"], capture_output=True,

@@ -43,6 +43,22 @@ async def test_gateway_streams_the_target_output(models):
                     text="Once upon a time", max_new_tokens=60, stop=["Lily"]))
                 assert stop[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
                 assert stop[-1].matched_stop == "Lily"
+                stop_texts = set()
+                for tree in (None, common_pb2.TreeSpec(kind=common_pb2.TreeSpec.KIND_CHAIN,
+                                                       chain_length=4),
+                             common_pb2.TreeSpec(kind=common_pb2.TreeSpec.KIND_DYNAMIC,
+                                                 node_budget=8)):
+                    req = generate_pb2.GenerateRequest(text="Once upon a time",
+                                                       max_new_tokens=60, stop=["Lily"],
+                                                       speculate=tree is not None)
+                    if tree is not None:
+                        req.tree_spec.CopyFrom(tree)
+                    stop_texts.add("".join(m.text for m in await collect(stub, req)))
+                assert len(stop_texts) == 1 and not stop_texts.pop().endswith("Lily")
+                window = await collect(stub, generate_pb2.GenerateRequest(
+                    text="Once upon a time", max_new_tokens=4096, ignore_eos=True))
+                assert window[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+                assert window[-1].stats.num_generated_tokens < 512  # ended by the context
                 for req, field in [
                     (generate_pb2.GenerateRequest(), "prompt"),
                     (generate_pb2.GenerateRequest(text=""), "prompt"),
