@@ -5,8 +5,9 @@
 For the target: one packed forward of 1 causal token + (rows - 1) chain-tree nodes over a
 128-token committed prefix (a verify step; rows = 1 is a plain decode step). For the draft: a
 1-row and a 3-row forward (one depth of a chain / of a dynamic tree). Each is printed next to the
-bound measured on this machine in the same run: one sweep over the model's projection weights
-with a 1-row GEMV (`F.linear`), i.e. weight bytes / sweep time. Modes are interleaved and the
+bound measured on this machine in the same run: one sweep over the model's projection weights,
+as served (fp16 through `kernels.cpu_linear` where the checkpoint is fp16, else fp32 `F.linear`),
+with one row, i.e. weight bytes / sweep time. Modes are interleaved and the
 minimum and median of `--repeats` are reported (the machine may be shared).
 """
 
@@ -23,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_linear import linear_f16
 from kernels.kv_cache import PagedKVCache
 from kernels.loader import LoadedModel, load_model
 from kernels.runner import ForwardItem, ModelRunner
@@ -38,8 +40,14 @@ def _default(name: str) -> pathlib.Path:
 
 
 def _weights(loaded: LoadedModel) -> list[torch.Tensor]:
-    return [m.weight for m in loaded.model.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.numel()]
+    """The projection weights as served: fp16 where `kernels.linear.attach_f16` kept them so."""
+    out = []
+    for m in loaded.model.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = getattr(m, "weight_f16", None)
+            if w is not None or m.weight.numel():
+                out.append(m.weight if w is None else w)
+    return out
 
 
 def _runner(loaded: LoadedModel) -> ModelRunner:
@@ -66,12 +74,15 @@ def _step(runner: ModelRunner, rows: int):
 
 def _sweep(loaded: LoadedModel):
     weights = _weights(loaded)
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     def run() -> None:
         with torch.inference_mode():
             for w in weights:
-                F.linear(xs[w.shape[1]], w)
+                if w.dtype == torch.float16:
+                    linear_f16(xs[w.shape[1]], w)
+                else:
+                    F.linear(xs[w.shape[1]].to(w.dtype), w)
     return run
 
 

@@ -1,5 +1,10 @@
 """Projections for few-row inputs: pick the GEMM that reads the weight once, by row count.
 
+Weights of an fp16 checkpoint are kept in fp16 and multiplied by `kernels.cpu_linear` (fp32
+accumulation, the same values as fp32 weights, half the bytes, batch-invariant, and faster than
+sgemm at every row count measured: 0.31x at M=1 to 0.76x at M=512 for the 78M stand-in's
+weights); their fp32 copy is freed (`attach_f16`). What follows is for fp32 weights.
+
 Decoding runs 1 row per sequence and verification 1 + tree rows, so the projections of a
 decoder are GEMMs with M = 1..17 rows against a large weight: memory-bound work whose cost
 should be one sweep over the weight whatever M is. MKL's plain sgemm is not flat there (on a
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_linear
 from kernels.invariant import project_rows
 
 log = logging.getLogger(__name__)
@@ -66,8 +72,24 @@ def _packed_matches(w: torch.Tensor, packed: torch.Tensor) -> bool:
     return True
 
 
+def attach_f16(layer: nn.Linear, free_fp32: bool = True) -> bool:
+    """Serve `layer` from an fp16 copy of its weight (`layer.weight_f16`) where that is exact
+    and the CPU kernel is available; `free_fp32` drops the fp32 weight (keep it when it is
+    shared, e.g. tied embeddings). Returns False (and changes nothing) otherwise."""
+    w = layer.weight
+    if not cpu_linear.fits(w) or not cpu_linear.available():
+        return False
+    layer.weight_f16 = w.detach().half()  # [out, in]
+    if free_fp32:
+        layer.weight = nn.Parameter(w.data[:0].clone(), requires_grad=False)
+    return True
+
+
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out], equal to `layer(x)` up to summation order."""
+    weight_f16 = getattr(layer, "weight_f16", None)
+    if weight_f16 is not None and x.dim() == 2 and x.dtype == torch.float32:
+        return cpu_linear.linear_f16(x, weight_f16, layer.bias)  # batch-invariant already
     if getattr(layer, "row_wise", False):  # batch-invariant mode: one GEMV per row
         return project_rows(layer, x)
     packed = getattr(layer, "packed_weight", None)

@@ -14,7 +14,7 @@ from torch import nn
 from kernels.attention_metadata import AttentionMetadata
 from kernels.config import ModelConfig
 from kernels.invariant import attention_per_query
-from kernels.linear import pack_linear, project
+from kernels.linear import attach_f16, pack_linear, project
 from kernels.tree_attention import tree_attention
 
 
@@ -184,7 +184,8 @@ class Transformer(nn.Module):
 
     def fuse(self) -> None:
         """Prepare for inference: fuse q/k/v and gate/up projections (fewer, larger GEMMs),
-        pack the weights for few-row GEMMs where the CPU has MKL (`kernels.linear`) and
+        keep fp16 checkpoints' weights in fp16 for the CPU kernel or else pack them for
+        few-row GEMMs where the CPU has MKL (`kernels.linear`), and
         precompute the rotary table. The separate modules keep their checkpoint names; the
         fused copies are what run."""
         for layer in self.model.layers:
@@ -195,11 +196,12 @@ class Transformer(nn.Module):
                 m.weight = nn.Parameter(m.weight.data[:0].clone(), requires_grad=False)
             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                       layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                pack_linear(m)
-        pack_linear(self.lm_head)
-        weight = self.lm_head.weight
+                attach_f16(m) or pack_linear(m)
+        attach_f16(self.lm_head, free_fp32=not self.config.tie_word_embeddings) \
+            or pack_linear(self.lm_head)
+        norm = self.model.norm.weight  # the serving dtype and device, whatever lm_head holds
         self.rope = RopeTable(self.config.max_position_embeddings, self.config.head_dim,
-                              self.config.rope_theta, weight.dtype, weight.device)
+                              self.config.rope_theta, norm.dtype, norm.device)
 
     def set_batch_invariant(self, on: bool = True) -> None:
         """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention); see

@@ -1,0 +1,137 @@
+"""fp16-resident weights for few-row CPU projections: `csrc/linear_f16.c`, built on first use.
+
+Checkpoints stored in fp16 (the stand-ins, most real ones) are served in fp32 on CPU. Every fp16
+value converts to fp32 exactly, so keeping the weight in fp16 and converting while multiplying
+gives the fp32 product of the very same weights, at half the bytes streamed per decode step.
+PyTorch has no CPU op for fp16 weights x fp32 activations, so this is our own small kernel
+(AVX-512 F16C + FMA, OpenMP over output columns). Its summation order is fixed per output, so a
+row's result does not depend on the other rows (batch-invariant by construction).
+
+The shared library is compiled once per source/CPU with the system C compiler (`cc -O3
+-march=native -fopenmp`) into `$SPECMESH_KERNEL_CACHE` (default `~/.cache/specmesh/kernels`),
+linked to the OpenMP runtime torch already loaded (one thread team per process), and checked
+against `F.linear` before use. Where there is no compiler, no AVX-512, or
+`SPECMESH_CPU_KERNELS=0`, `available()` is False and the layers stay fp32 (`kernels.linear`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "linear_f16.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+K_MULTIPLE = 16  # the kernel's inner loop reads 16 input features at a time
+
+
+def _cache_dir() -> pathlib.Path:
+    env = os.environ.get("SPECMESH_KERNEL_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "specmesh" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> pathlib.Path:
+    """Compile (or reuse) the library; the name covers source, flags and CPU features."""
+    torch_lib = pathlib.Path(torch.__file__).resolve().parent / "lib"
+    link = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]  # torch's own libgomp: one runtime
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, link, _cpu_flags())).encode())
+    out = _cache_dir() / f"linear_f16-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = pathlib.Path(tmp) / out.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp_out), *link],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp_out, out)  # atomic: concurrent builders (draft + verify) are fine
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SPECMESH_CPU_KERNELS", "1") == "0" or platform.machine() != "x86_64":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.info("no C compiler: fp16 CPU kernel unavailable, weights stay fp32")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.info("fp16 CPU kernel unavailable (%s); weights stay fp32", str(detail)[-300:])
+        return None
+    fn = lib.specmesh_linear_f16
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+    fn.restype = None
+    return lib if _self_check(fn) else None
+
+
+def _self_check(fn) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 48, generator=gen).half()  # [N, K]: a column tail, three k steps
+    x = torch.randn(13, 48, generator=gen)  # [M, K]: a row tail
+    got = _call(fn, x, w)
+    want = F.linear(x, w.float())
+    ok = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5)) and \
+        torch.equal(_call(fn, x[5:6], w), got[5:6])
+    if not ok:
+        log.warning("fp16 CPU kernel disagrees with F.linear; not used")
+    return ok
+
+
+def _call(fn, x: torch.Tensor, w16: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, w16.shape[0], dtype=torch.float32)  # [M, N]
+    if rows:
+        fn(w16.data_ptr(), x.data_ptr(), y.data_ptr(), rows, w16.shape[0], k,
+           torch.get_num_threads())
+    return y
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """True if `weight` (fp32, CPU) can be served from fp16 exactly: every value is an fp16
+    value (an fp16 checkpoint loaded as fp32) and the input width suits the kernel."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return False
+    if weight.shape[1] % K_MULTIPLE or not weight.numel():
+        return False
+    with torch.no_grad():
+        return bool(torch.equal(weight.half().float(), weight))
+
+
+def linear_f16(x: torch.Tensor, weight_f16: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32 @ weight_f16 [N, K]^T (+ bias [N]) -> [M, N] fp32."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("fp16 CPU kernel unavailable (see kernels.cpu_linear.available)")
+    y = _call(lib.specmesh_linear_f16, x, weight_f16)
+    return y if bias is None else y.add_(bias)
