@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import torch
 
 from draft_service.engine import DraftEngine
@@ -20,12 +18,15 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 async def build_servicer(config: ModelServiceConfig,
                         metrics: ServiceMetrics | None = None) -> DraftServicer:
-    """Load the draft model (off the event loop) and wrap it in a batched servicer."""
-    loaded = await asyncio.to_thread(load_model, config.model, getattr(torch, config.dtype),
-                                     config.device)
+    """Load the draft model (on the batcher's thread) and wrap it in a batched servicer."""
+    engine: DraftEngine | None = None
+    worker = make_batcher(lambda items: engine.propose_batch(items), config, metrics)
+    # the batcher's one thread loads the model too: every torch op of this process runs on it
+    loaded = await worker.call(load_model, config.model, getattr(torch, config.dtype),
+                               config.device)
     loaded.model.set_batch_invariant(config.batch_invariant)
-    engine = DraftEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
-    worker = make_batcher(engine.propose_batch, config, metrics)
+    engine = await worker.call(DraftEngine, loaded, config.kv_cache_mb, config.block_size,
+                               config.idle_evict_s)  # allocates the KV cache: torch work too
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
                                lambda *args: worker.call(engine.export_prefix, *args), metrics)
     return DraftServicer(engine, worker, prefix, metrics)

@@ -25,8 +25,9 @@ def dense_mask(meta: AttentionMetadata) -> torch.Tensor:
     return mask
 
 
-def _padded_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices that scatter the packed batch into [B, Qmax] and gather each sequence's KV slots."""
+def _padded_layout(meta: AttentionMetadata) -> tuple:
+    """Indices that scatter the packed batch into [B, Qmax] and gather each sequence's KV
+    blocks ([B, nb] block ids, or a slice when one sequence's blocks are consecutive)."""
     cached = meta._dense.get("layout")
     if cached is not None:
         return cached
@@ -43,6 +44,10 @@ def _padded_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor,
     mask_pad[meta.q_seq_idx, local] = dense_mask(meta)
     # a lone sequence that sees all of its KV (a decode step) needs no mask: SDPA's fast path
     full = meta.num_seqs == 1 and bool(mask_pad.all())
+    if meta.num_seqs == 1 and num_blocks > 0:
+        first = int(kv_blocks[0, 0])
+        if torch.equal(kv_blocks[0], torch.arange(first, first + num_blocks, device=device)):
+            kv_blocks = slice(first, first + num_blocks)  # consecutive blocks: a view, no copy
     layout = (local, kv_blocks, q_max, None if full else mask_pad[:, None])  # [B, 1, Qmax, L]
     meta._dense["layout"] = layout
     return layout
@@ -60,7 +65,8 @@ def tree_attention_reference(
     num_kv_heads = k_cache.shape[2]
     local, kv_blocks, q_max, mask_pad = _padded_layout(meta)
     batch, length = meta.num_seqs, meta.max_seq_len
-    # whole blocks (contiguous copies), then the first L positions: [B, L, Hkv, D]
+    # whole blocks (copies, or a view of consecutive ones), then the first L positions:
+    # [B, L, Hkv, D]
     k = k_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     v = v_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     if batch == 1:

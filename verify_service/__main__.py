@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import torch
 
 from kernels import load_model
@@ -20,12 +18,15 @@ SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 
 async def build_servicer(config: ModelServiceConfig,
                         metrics: ServiceMetrics | None = None) -> VerifyServicer:
-    """Load the target model (off the event loop) and wrap it in a batched servicer."""
-    loaded = await asyncio.to_thread(load_model, config.model, getattr(torch, config.dtype),
-                                     config.device)
+    """Load the target model (on the batcher's thread) and wrap it in a batched servicer."""
+    engine: VerifyEngine | None = None
+    worker = make_batcher(lambda items: engine.verify_batch(items), config, metrics)
+    # the batcher's one thread loads the model too: every torch op of this process runs on it
+    loaded = await worker.call(load_model, config.model, getattr(torch, config.dtype),
+                               config.device)
     loaded.model.set_batch_invariant(config.batch_invariant)
-    engine = VerifyEngine(loaded, config.kv_cache_mb, config.block_size, config.idle_evict_s)
-    worker = make_batcher(engine.verify_batch, config, metrics)
+    engine = await worker.call(VerifyEngine, loaded, config.kv_cache_mb, config.block_size,
+                               config.idle_evict_s)  # allocates the KV cache: torch work too
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
                                lambda *args: worker.call(engine.export_prefix, *args), metrics)
     return VerifyServicer(engine, worker, prefix, metrics)
