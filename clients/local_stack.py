@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,20 +40,27 @@ class ServiceProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE,
                                      stderr=None, text=True, env=env)
-        line = await asyncio.wait_for(asyncio.to_thread(self._listening_line), timeout)
+        loop = asyncio.get_running_loop()
+        listening = loop.create_future()
+        # its own daemon thread, not the loop's default executor: one blocked reader per service
+        # there would starve asyncio.to_thread (tokenizing) once a process runs a few stacks
+        threading.Thread(target=self._read, args=(loop, listening), daemon=True,
+                         name=f"{self.name}-stdout").start()
+        line = await asyncio.wait_for(listening, timeout)
         self.address = line.rsplit(" ", 1)[-1]
         await wait_for_serving(self.address, timeout)
-        asyncio.get_running_loop().run_in_executor(None, self._drain)
 
-    def _listening_line(self) -> str:
+    def _read(self, loop: asyncio.AbstractEventLoop, listening: asyncio.Future) -> None:
+        """Hand the listening line to `listening`, then drain stdout until the process ends."""
+        def settle(fn, value) -> None:
+            if not listening.done():
+                fn(value)
         for line in self.proc.stdout:
-            if " listening on " in line or line.startswith("SERVING "):
-                return line.strip()
-        raise RuntimeError(f"{self.name} exited with {self.proc.wait()} before listening")
-
-    def _drain(self) -> None:
-        for _ in self.proc.stdout:
-            pass
+            if not listening.done() and (" listening on " in line or line.startswith("SERVING ")):
+                loop.call_soon_threadsafe(settle, listening.set_result, line.strip())
+        error = RuntimeError(f"{self.name} exited with {self.proc.wait()} before listening")
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, listening.set_exception, error)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -22,6 +22,9 @@ async def build_servicer(config: ModelServiceConfig,
     engine: VerifyEngine | None = None
     worker = make_batcher(lambda items: engine.verify_batch(items), config, metrics)
     # the batcher's one thread loads the model too: every torch op of this process runs on it
+    # (a second thread's OpenMP team would put libgomp in throttled-spin mode: ~1.5x slower)
+    if config.threads is not None:
+        await worker.call(torch.set_num_threads, config.threads)
     loaded = await worker.call(load_model, config.model, getattr(torch, config.dtype),
                                config.device)
     loaded.model.set_batch_invariant(config.batch_invariant)

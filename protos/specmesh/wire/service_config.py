@@ -35,6 +35,9 @@ class ModelServiceConfig:
     batch_invariant: bool = False
     """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
     output never depends on its batch mates or its tree. Much slower; for reproducibility."""
+    threads: int | None = None
+    """torch/OpenMP threads of the service's one torch thread; None = torch's default (one per
+    core). The draft model is small enough that one thread can beat two (no team wake-ups)."""
     max_message_mb: float = 64.0
     """Largest request or response message, MiB (a batched Verify carries every running
     sequence's tree and, when sampling, its draft distributions)."""
@@ -49,6 +52,8 @@ class ModelServiceConfig:
             raise ValueError("prefix_chunk_size must be positive")
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_wait_ms < 0:
             raise ValueError("block_size and max_batch_tokens must be positive, max_wait_ms >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} not in float32/float16/bfloat16")
 
@@ -69,6 +74,8 @@ def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) 
     parser.add_argument("--cache-addr", default=None, help="cache service host:port")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="bitwise batch-invariant logits (much slower; see README)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads (default: one per core)")
     parser.add_argument("--max-message-mb", type=float, default=64.0,
                         help="largest gRPC message either way, MiB")
     parser.add_argument("--prefix-chunk-size", type=int, default=16,
