@@ -13,6 +13,7 @@ from specmesh.wire.model_service import ServicerProxy, make_batcher, run, run_mo
 from specmesh.wire.prefix_cache import make_prefix_cache
 from specmesh.wire.service_config import ModelServiceConfig, parse_service_args
 
+DRAFT_THREADS = 1
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
@@ -41,7 +42,9 @@ async def serve(config: ModelServiceConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(serve(parse_service_args("specmesh serve draft", 256.0, argv)))
+    # one thread by default: a draft model is small, and a second OpenMP thread's spinning
+    # took a core from the verify service beside it (chain:4 1.5x faster with one; README)
+    run(serve(parse_service_args("specmesh serve draft", 256.0, argv, threads=DRAFT_THREADS)))
 
 
 if __name__ == "__main__":

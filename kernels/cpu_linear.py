@@ -7,81 +7,31 @@ PyTorch has no CPU op for fp16 weights x fp32 activations, so this is our own sm
 (AVX-512 F16C + FMA, OpenMP over output columns). Its summation order is fixed per output, so a
 row's result does not depend on the other rows (batch-invariant by construction).
 
-The shared library is compiled once per source/CPU with the system C compiler (`cc -O3
--march=native -fopenmp`) into `$SPECMESH_KERNEL_CACHE` (default `~/.cache/specmesh/kernels`),
-linked to the OpenMP runtime torch already loaded (one thread team per process), and checked
-against `F.linear` before use. Where there is no compiler, no AVX-512, or
-`SPECMESH_CPU_KERNELS=0`, `available()` is False and the layers stay fp32 (`kernels.linear`).
+Built by `kernels.cpu_build` and checked against `F.linear` before use. Where it cannot be
+(no compiler, no AVX-512, `SPECMESH_CPU_KERNELS=0`), `available()` is False and the layers stay
+fp32 (`kernels.linear`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_build
+
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "linear_f16.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 K_MULTIPLE = 16  # the kernel's inner loop reads 16 input features at a time
-
-
-def _cache_dir() -> pathlib.Path:
-    env = os.environ.get("SPECMESH_KERNEL_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "specmesh" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str) -> pathlib.Path:
-    """Compile (or reuse) the library; the name covers source, flags and CPU features."""
-    torch_lib = pathlib.Path(torch.__file__).resolve().parent / "lib"
-    link = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]  # torch's own libgomp: one runtime
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, link, _cpu_flags())).encode())
-    out = _cache_dir() / f"linear_f16-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = pathlib.Path(tmp) / out.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp_out), *link],
-                       check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp_out, out)  # atomic: concurrent builders (draft + verify) are fine
-    return out
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("SPECMESH_CPU_KERNELS", "1") == "0" or platform.machine() != "x86_64":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.info("no C compiler: fp16 CPU kernel unavailable, weights stay fp32")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.info("fp16 CPU kernel unavailable (%s); weights stay fp32", str(detail)[-300:])
+    lib = cpu_build.load("linear_f16.c")
+    if lib is None:
         return None
     fn = lib.specmesh_linear_f16
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4

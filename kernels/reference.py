@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_attention
 from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
+
+LONE_MAX_QUERIES = 160  # one sequence with at most this many queries: `_lone_attention`
 
 
 def dense_mask(meta: AttentionMetadata) -> torch.Tensor:
@@ -69,11 +72,13 @@ def tree_attention_reference(
     # [B, L, Hkv, D]
     k = k_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     v = v_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
-    if batch == 1:
-        q_pad = q[None]  # [1, T, H, D]: a single sequence needs no padding
-    else:
-        q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
-        q_pad[meta.q_seq_idx, local] = q
+    if batch == 1 and num_tokens <= LONE_MAX_QUERIES:  # c=1 decode, verify, draft depth
+        visible = None if mask_pad is None else mask_pad[0, 0]  # [T, L]
+        if cpu_attention.fits(q, k):
+            return cpu_attention.lone_attention(q, k[0], v[0], visible, scale)
+        return _lone_attention(q, k[0], v[0], mask_pad, scale)
+    q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
+    q_pad[meta.q_seq_idx, local] = q
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2),  # [B, H, Qmax, D]
         k.transpose(1, 2),  # [B, Hkv, L, D]
@@ -82,6 +87,28 @@ def tree_attention_reference(
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
     )  # [B, H, Qmax, D]
-    if batch == 1:
-        return out[0].transpose(0, 1)  # [T, H, D]
     return out.transpose(1, 2)[meta.q_seq_idx, local]  # [T, H, D]
+
+
+def _lone_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [L, Hkv, D]
+    v: torch.Tensor,  # [L, Hkv, D]
+    mask_pad: torch.Tensor | None,  # [1, 1, T, L] bool, or None: every query sees all L
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    """Attention of one sequence's T queries as three small ops (SDPA's CPU kernel costs
+    ~50-150 us per call at these sizes; this ~15 us). Query heads are grouped by KV head."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    qh = qh.reshape(num_kv_heads, group * num_tokens, head_dim)  # [Hkv, g*T, D]
+    scores = torch.bmm(qh, k.permute(1, 2, 0)).mul_(scale)  # [Hkv, g*T, L]
+    if mask_pad is not None:
+        hidden = ~mask_pad[0, 0]  # [T, L]
+        scores.view(num_kv_heads, group, num_tokens, -1).masked_fill_(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs, v.transpose(0, 1))  # [Hkv, g*T, D]
+    return out.view(num_kv_heads, group, num_tokens, head_dim).permute(2, 0, 1, 3) \
+        .reshape(num_tokens, num_heads, head_dim)

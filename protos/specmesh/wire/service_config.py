@@ -58,8 +58,9 @@ class ModelServiceConfig:
             raise ValueError(f"dtype {self.dtype!r} not in float32/float16/bfloat16")
 
 
-def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) -> None:
-    """The flags shared by the draft and verify services."""
+def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float,
+                           threads: int | None = None) -> None:
+    """The flags shared by the draft and verify services (`threads`: the default of --threads)."""
     parser.add_argument("--model", required=True, help="HF model folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -74,16 +75,16 @@ def add_model_service_args(parser: argparse.ArgumentParser, kv_cache_mb: float) 
     parser.add_argument("--cache-addr", default=None, help="cache service host:port")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="bitwise batch-invariant logits (much slower; see README)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch/OpenMP threads (default: one per core)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch/OpenMP threads (default: %(default)s; None = one per core)")
     parser.add_argument("--max-message-mb", type=float, default=64.0,
                         help="largest gRPC message either way, MiB")
     parser.add_argument("--prefix-chunk-size", type=int, default=16,
                         help="tokens per prefix-KV chunk in the cache")
 
 
-def parse_service_args(prog: str, kv_cache_mb: float,
-                       argv: list[str] | None = None) -> ModelServiceConfig:
+def parse_service_args(prog: str, kv_cache_mb: float, argv: list[str] | None = None,
+                       threads: int | None = None) -> ModelServiceConfig:
     parser = argparse.ArgumentParser(prog=prog)
-    add_model_service_args(parser, kv_cache_mb=kv_cache_mb)
+    add_model_service_args(parser, kv_cache_mb=kv_cache_mb, threads=threads)
     return ModelServiceConfig(**vars(parser.parse_args(argv)))
