@@ -1,13 +1,14 @@
-"""One sequence's attention on CPU in one call: `csrc/attention_f32.c` (AVX-512, fp32).
+"""Tree attention over the paged KV cache on CPU in one call per layer: `csrc/attention_f32.c`.
 
-Decoding at concurrency 1, verifying one sequence's tree and each draft depth attend a few
-queries (1..17) of one sequence over a few hundred KV positions. PyTorch spends ~50-150 us per
-layer there in SDPA (or in bmm + masked_fill + softmax + bmm), mostly per-op overhead on cold
-caches; this kernel does the whole layer's attention in one call, each (query, head) alone in
-position order, so a query's output also does not depend on the other queries.
+The CPU twin of the CUDA kernel, on the same metadata (`kernels.attention_metadata`). PyTorch's
+reference gathers each sequence's KV blocks, pads the batch and runs SDPA with a dense mask:
+~50-150 us per layer for one sequence, and a gather plus padding per layer for a batch. This
+kernel reads KV in place through the block tables and computes each (query, head) alone over
+its visible positions in position order, so a query's output does not depend on its batch mates
+or on the tree around it.
 
-Built by `kernels.cpu_build` (with -ffast-math, for a vectorised exp) and checked against
-PyTorch's softmax attention before use; `available()` is False where it cannot be.
+Built by `kernels.cpu_build` and checked against the PyTorch reference before use; `fits()` is
+False where it cannot run.
 """
 
 from __future__ import annotations
@@ -19,78 +20,82 @@ import logging
 import torch
 
 from kernels import cpu_build
+from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, SequenceStep, build_metadata
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD_DIM = 256  # the kernel keeps one query's output (head_dim floats) in registers
+_ARGS = ([ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 5
+         + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load("attention_f32.c", ("-ffast-math",))
+    lib = cpu_build.load("attention_f32.c", ("-fno-math-errno",))
     if lib is None:
         return None
-    fn = lib.specmesh_lone_attention
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+    fn = lib.specmesh_tree_attention
+    fn.argtypes = _ARGS
     fn.restype = ctypes.c_int
     return lib if _self_check(fn) else None
 
 
-def _reference(q, k, v, visible, scale) -> torch.Tensor:
-    """[T, H, D] softmax attention in PyTorch (the oracle for the self-check and the tests)."""
-    group = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(group, dim=1)  # [L, H, D]
-    vv = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,lhd->htl", q, kk) * scale  # [H, T, L]
-    if visible is not None:
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-    return torch.einsum("htl,lhd->thd", torch.softmax(scores, dim=-1), vv)
-
-
 def _self_check(fn) -> bool:
+    """Two sequences (one with a 3-node tree), scattered blocks, GQA, against the reference."""
+    from kernels.reference import tree_attention_reference
+
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 4, 32, generator=gen)  # [T, H, D]
-    k, v = torch.randn(2, 37, 2, 32, generator=gen)  # [L, Hkv, D] each
-    visible = torch.rand(3, 37, generator=gen) > 0.5
-    visible[:, 0] = True
-    ok = all(torch.allclose(_call(fn, q, k, v, m, 0.3), _reference(q, k, v, m, 0.3),
-                            rtol=1e-4, atol=1e-5) for m in (None, visible))
+    k_cache, v_cache = torch.randn(2, 9, 4, 2, 32, generator=gen)  # [blocks, bs, Hkv, D] each
+    ancestors = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    meta = build_metadata([SequenceStep([3, 0, 7], 6, 2, ancestors),
+                           SequenceStep([5, 1], 5, 1)], block_size=4)
+    q = torch.randn(meta.num_tokens, 4, 32, generator=gen)  # [T, H, D]
+    ok = torch.allclose(_call(fn, q, k_cache, v_cache, meta, 0.3),
+                        tree_attention_reference(q, k_cache, v_cache, meta, 0.3),
+                        rtol=1e-4, atol=1e-5)
     if not ok:
-        log.warning("CPU attention kernel disagrees with PyTorch; not used")
+        log.warning("CPU tree-attention kernel disagrees with the reference; not used")
     return ok
 
 
-def _call(fn, q, k, v, visible, scale: float) -> torch.Tensor:
+def _call(fn, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    mask = None if visible is None else visible.to(torch.uint8).contiguous()  # [T, L]
+    q = q.contiguous()
+    tables = meta.block_tables.to(torch.int32).contiguous()  # [B, max_blocks]
+    seq_idx = meta.q_seq_idx.to(torch.int64).contiguous()  # [T]
+    prefix = meta.q_prefix_lens.to(torch.int32).contiguous()  # [T]
+    starts = meta.tree_starts.to(torch.int32).contiguous()  # [B]
+    masks = meta.tree_masks.to(torch.int64).contiguous()  # [T, 2]
     out = torch.empty_like(q)  # [T, H, D]
-    work = num_tokens * num_heads * k.shape[0]
-    threads = 1 if work < 1 << 15 else torch.get_num_threads()  # small: no team wake-up
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
-            out.data_ptr(), num_tokens, num_heads, k.shape[1], head_dim, k.shape[0], scale,
-            threads)
+    max_visible = meta.max_seq_len + MAX_TREE_NODES
+    work = num_tokens * num_heads * meta.max_seq_len
+    threads = 1 if work < 1 << 15 else min(num_tokens, torch.get_num_threads())
+    rc = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            tables.shape[1], seq_idx.data_ptr(), prefix.data_ptr(), starts.data_ptr(),
+            masks.data_ptr(), out.data_ptr(), num_tokens, num_heads, k_cache.shape[2],
+            head_dim, k_cache.shape[1], max_visible, scale, threads)
     if rc != 0:
-        raise MemoryError("attention scratch allocation failed")
+        raise MemoryError("tree-attention scratch allocation failed")
     return out
 
 
-def fits(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the kernel can take these shapes (fp32 CPU, head_dim % 16 == 0, <= 256)."""
+def fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: fp32 on CPU, contiguous cache, head_dim a
+    multiple of 16 up to 256, whole query groups per KV head."""
     d = q.shape[-1]
-    return (q.dtype == k.dtype == torch.float32 and q.device.type == "cpu"
-            and d % 16 == 0 and d <= MAX_HEAD_DIM and q.shape[1] % k.shape[1] == 0
-            and _library() is not None)
+    return (q.dtype == k_cache.dtype == torch.float32 and q.device.type == "cpu"
+            and k_cache.is_contiguous() and d % 16 == 0 and d <= MAX_HEAD_DIM
+            and q.shape[1] % k_cache.shape[2] == 0 and _library() is not None)
 
 
-def lone_attention(
-    q: torch.Tensor,  # [T, H, D]
-    k: torch.Tensor,  # [L, Hkv, D]
-    v: torch.Tensor,  # [L, Hkv, D]
-    visible: torch.Tensor | None,  # [T, L] bool, or None: every query sees every position
+def tree_attention_cpu(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:  # [T, H, D]
+) -> torch.Tensor:  # [T, num_heads, head_dim]
     lib = _library()
     if lib is None:
-        raise RuntimeError("CPU attention kernel unavailable (see kernels.cpu_attention.fits)")
-    return _call(lib.specmesh_lone_attention, q, k, v, visible, scale)
+        raise RuntimeError("CPU tree-attention kernel unavailable (see kernels.cpu_attention)")
+    return _call(lib.specmesh_tree_attention, q, k_cache, v_cache, meta, scale)

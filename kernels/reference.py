@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention
 from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
 
 LONE_MAX_QUERIES = 160  # one sequence with at most this many queries: `_lone_attention`
@@ -73,9 +72,6 @@ def tree_attention_reference(
     k = k_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     v = v_cache[kv_blocks].reshape(batch, -1, num_kv_heads, head_dim)[:, :length]
     if batch == 1 and num_tokens <= LONE_MAX_QUERIES:  # c=1 decode, verify, draft depth
-        visible = None if mask_pad is None else mask_pad[0, 0]  # [T, L]
-        if cpu_attention.fits(q, k):
-            return cpu_attention.lone_attention(q, k[0], v[0], visible, scale)
         return _lone_attention(q, k[0], v[0], mask_pad, scale)
     q_pad = q.new_zeros(batch, q_max, num_heads, head_dim)  # [B, Qmax, H, D]
     q_pad[meta.q_seq_idx, local] = q
@@ -98,7 +94,7 @@ def _lone_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
     """Attention of one sequence's T queries as three small ops (SDPA's CPU kernel costs
-    ~50-150 us per call at these sizes; this ~15 us). Query heads are grouped by KV head."""
+    ~50-150 us per call at these sizes). Query heads are grouped by KV head."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads

@@ -1,4 +1,5 @@
-"""tree_attention: dispatch to the CUDA kernel for CUDA tensors, to the PyTorch reference on CPU."""
+"""tree_attention: dispatch to the CUDA kernel for CUDA tensors, to our CPU kernel for fp32 CPU
+tensors, and to the PyTorch reference where neither runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import warnings
 
 import torch
 
+from kernels import cpu_attention
 from kernels._cuda import CudaUnavailable, tree_attention_cuda
 from kernels.attention_metadata import AttentionMetadata
 from kernels.reference import tree_attention_reference
@@ -29,10 +31,13 @@ def tree_attention(
 
     CUDA tensors run the kernel in `kernels/csrc/tree_attention.cu`; where it cannot run (no
     cuda-python / NVRTC, an unsupported dtype or head_dim) the reference runs, with one warning
-    per reason. CPU tensors always run the reference."""
+    per reason. fp32 CPU tensors run `kernels/csrc/attention_f32.c` where it builds (AVX-512, a
+    C compiler), the reference otherwise."""
     if q.is_cuda:
         try:
             return tree_attention_cuda(q, k_cache, v_cache, meta, scale)
         except CudaUnavailable as exc:
             _warn_once(str(exc))
+    elif cpu_attention.fits(q, k_cache):
+        return cpu_attention.tree_attention_cpu(q, k_cache, v_cache, meta, scale)
     return tree_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -1,14 +1,19 @@
-/* Attention of one sequence's queries over its KV positions (CPU, fp32, AVX-512).
+/* Tree attention over the paged KV cache on CPU (fp32, AVX-512): the CPU twin of
+ * tree_attention.cu, on the same metadata (kernels/attention_metadata.py).
+ *
+ * Query t of sequence b = q_seq_idx[t] attends, in ascending position order, to every KV
+ * position < q_prefix_lens[t] and to tree_starts[b] + m for every bit m set in tree_masks[t]:
  *
  *   out[t, h, :] = sum_j softmax_j(scale * q[t, h] . k[l_j, h / g]) * v[l_j, h / g, :]
  *
- * over the positions l_j visible to query t (mask[t, l] != 0, or every l < L without a mask),
- * in ascending order. q, out: [T, H, D]; k, v: [L, Hkv, D]; mask: [T, L] bytes or NULL;
- * g = H / Hkv (grouped-query attention). Each (t, h) is computed alone by the same code,
- * whatever T or the thread: a query's output does not depend on the other queries.
+ * q, out: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables:
+ * [B, max_blocks]; tree_masks: [T, 2] 64-bit words. Each (t, h) is computed alone by the same
+ * code whatever else is in the batch or the thread: a query's output never depends on its batch
+ * mates (batch-invariant). No gather, no padding.
  *
- * Compiled with -ffast-math so the exp loop vectorises (glibc's libmvec); every value is
- * finite (masked positions are skipped, not set to -inf). D % 16 == 0 and D <= 256.
+ * The exp loop vectorises through glibc's libmvec (expf declared SIMD below, built with
+ * -fno-math-errno). Not -ffast-math: a shared library built with it sets flush-to-zero for the
+ * whole process at load. Invisible positions are skipped, not set to -inf. D % 16 == 0, <= 256.
  * Built and loaded by kernels/cpu_attention.py.
  */
 #include <float.h>
@@ -18,7 +23,21 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* glibc's libmvec has 16-lane expf (_ZGVeN16v_expf); math.h only says so under -ffast-math */
+float expf(float) __attribute__((simd("notinbranch")));
+
 #define MAX_CHUNKS 16 /* D / 16 */
+#define MASK_WORDS 2  /* 128 tree nodes */
+
+typedef struct {
+  const float *k, *v;     /* the caches */
+  const int32_t *table;   /* this sequence's block table */
+  int block_size, row;    /* row = Hkv * D floats per position */
+} Kv;
+
+static inline int64_t slot(const Kv *kv, int l) {
+  return ((int64_t)kv->table[l / kv->block_size] * kv->block_size + l % kv->block_size) * kv->row;
+}
 
 static inline float dot(const float *a, const float *b, int chunks) {
   __m512 acc = _mm512_setzero_ps();
@@ -27,15 +46,21 @@ static inline float dot(const float *a, const float *b, int chunks) {
   return _mm512_reduce_add_ps(acc);
 }
 
-static void query(const float *q, const float *k, const float *v, const uint8_t *mask,
-                  float *out, float *s, int32_t *pos, int L, int row, int chunks, float scale) {
+/* Visible positions of one query, ascending: the causal prefix, then the tree ancestors. */
+static int visible(int32_t *pos, int prefix, int tree_start, const uint64_t *mask) {
   int n = 0;
+  for (int l = 0; l < prefix; l++) pos[n++] = l;
+  for (int m = 0; m < 64 * MASK_WORDS; m++)
+    if ((mask[m / 64] >> (m % 64)) & 1) pos[n++] = tree_start + m;
+  return n;
+}
+
+static void query(const float *q, const Kv *kv, int head_off, const int32_t *pos, int n,
+                  float *s, float *out, int chunks, float scale) {
   float m = -FLT_MAX;
-  for (int l = 0; l < L; l++) {
-    if (mask && !mask[l]) continue;
-    float x = scale * dot(q, k + (int64_t)l * row, chunks);
-    pos[n] = l;
-    s[n++] = x;
+  for (int j = 0; j < n; j++) {
+    float x = scale * dot(q, kv->k + slot(kv, pos[j]) + head_off, chunks);
+    s[j] = x;
     m = x > m ? x : m;
   }
 #pragma omp simd
@@ -46,31 +71,40 @@ static void query(const float *q, const float *k, const float *v, const uint8_t 
   for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
   for (int j = 0; j < n; j++) {
     __m512 p = _mm512_set1_ps(s[j]);
-    const float *vr = v + (int64_t)pos[j] * row;
-    for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+    const float *vr = kv->v + slot(kv, pos[j]) + head_off;
+    for (int c = 0; c < chunks; c++)
+      acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), acc[c]);
   }
   __m512 inv = _mm512_set1_ps(1.0f / sum);
   for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
 
-/* Returns 0, or -1 when scratch memory could not be allocated. */
-int specmesh_lone_attention(const float *q, const float *k, const float *v, const uint8_t *mask,
-                            float *out, int T, int H, int Hkv, int D, int L, float scale,
-                            int threads) {
+/* Returns 0, or -1 when scratch memory could not be allocated. `max_visible` bounds any
+ * query's visible positions (max_seq_len + 128 is always enough). */
+int specmesh_tree_attention(const float *q, const float *k_cache, const float *v_cache,
+                            const int32_t *block_tables, int max_blocks, const int64_t *q_seq_idx,
+                            const int32_t *q_prefix_lens, const int32_t *tree_starts,
+                            const uint64_t *tree_masks, float *out, int T, int H, int Hkv, int D,
+                            int block_size, int max_visible, float scale, int threads) {
   int failed = 0;
-  int group = H / Hkv, chunks = D / 16, row = Hkv * D;
+  int group = H / Hkv, chunks = D / 16;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    float *s = malloc(sizeof(float) * (L > 0 ? L : 1));
-    int32_t *pos = malloc(sizeof(int32_t) * (L > 0 ? L : 1));
+    float *s = malloc(sizeof(float) * (max_visible > 0 ? max_visible : 1));
+    int32_t *pos = malloc(sizeof(int32_t) * (max_visible > 0 ? max_visible : 1));
     if (!s || !pos) {
       failed = 1;
     } else {
       int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      for (int i = tid; i < T * H; i += nt) {
-        int t = i / H, h = i % H, kvh = h / group;
-        query(q + (int64_t)i * D, k + kvh * D, v + kvh * D, mask ? mask + (int64_t)t * L : NULL,
-              out + (int64_t)i * D, s, pos, L, row, chunks, scale);
+      /* queries split in contiguous runs: each thread lists a query's positions once */
+      int per = (T + nt - 1) / nt, t0 = tid * per, t1 = t0 + per < T ? t0 + per : T;
+      for (int t = t0; t < t1; t++) {
+        int64_t b = q_seq_idx[t];
+        Kv kv = {k_cache, v_cache, block_tables + b * max_blocks, block_size, Hkv * D};
+        int n = visible(pos, q_prefix_lens[t], tree_starts[b], tree_masks + (int64_t)t * MASK_WORDS);
+        for (int h = 0; h < H; h++)
+          query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, pos, n, s,
+                out + ((int64_t)t * H + h) * D, chunks, scale);
       }
     }
     free(s);

@@ -1,5 +1,6 @@
-"""The one-sequence CPU attention kernel (`kernels/csrc/attention_f32.c`): equal to softmax
-attention up to rounding, exact on a one-position case, and per-query invariant."""
+"""The CPU tree-attention kernel (`kernels/csrc/attention_f32.c`): equal to the PyTorch
+reference up to rounding on batches with trees, exact where one position is visible, and
+batch-invariant (a sequence's outputs are bitwise the same alone and in any batch)."""
 
 from __future__ import annotations
 
@@ -9,54 +10,92 @@ import pytest
 import torch
 
 from kernels import cpu_attention
+from kernels.attention_metadata import SequenceStep, build_metadata
+from kernels.reference import tree_attention_reference
 from tests.kernels.test_cpu_linear import _cpu_has_avx512
+
+BLOCK = 4
 
 
 def test_built_wherever_it_can_be():
     if shutil.which("cc") is None or not _cpu_has_avx512():
-        pytest.skip("no C compiler or no AVX-512 here: PyTorch attention serves")
+        pytest.skip("no C compiler or no AVX-512 here: the PyTorch reference serves")
     assert cpu_attention._library() is not None
 
 
 needs_kernel = pytest.mark.skipif(cpu_attention._library() is None,
-                                  reason="CPU attention kernel unavailable")
+                                  reason="CPU tree-attention kernel unavailable")
+
+
+def _caches(gen, kv_heads=2, dim=32, blocks=40):
+    return torch.randn(2, blocks, BLOCK, kv_heads, dim, generator=gen)  # [2, N, bs, Hkv, D]
+
+
+def _chain(n: int) -> torch.Tensor:
+    return torch.tril(torch.ones(n, n, dtype=torch.bool))  # [n, n] ancestor-or-self
 
 
 @needs_kernel
 def test_one_visible_position_returns_its_value():
-    q = torch.randn(2, 4, 16)  # [T, H, D]
-    k, v = torch.randn(2, 5, 2, 16)  # [L, Hkv, D]
-    visible = torch.zeros(2, 5, dtype=torch.bool)
-    visible[0, 3] = visible[1, 0] = True
-    out = cpu_attention.lone_attention(q, k, v, visible, 0.125)
-    assert torch.equal(out[0], v[3].repeat_interleave(2, dim=0))  # heads 0,1 -> kv 0, ...
-    assert torch.equal(out[1], v[0].repeat_interleave(2, dim=0))
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = _caches(gen)
+    meta = build_metadata([SequenceStep([6], 0, 1)], BLOCK)  # a first token sees itself
+    q = torch.randn(1, 4, 32, generator=gen)
+    out = cpu_attention.tree_attention_cpu(q, k_cache, v_cache, meta, 0.2)
+    assert torch.equal(out[0], v_cache[6, 0].repeat_interleave(2, dim=0))
+
+
+STEPS = [
+    [SequenceStep([3, 9, 1, 17], 13, 1)],  # a decode step, scattered blocks
+    [SequenceStep([2, 5, 8, 11, 14], 9, 2, _chain(5))],  # causal tokens + a chain tree
+    [SequenceStep([0, 4, 30], 7, 1, torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0],
+                                                  [1, 0, 1, 1]], dtype=torch.bool)),
+     SequenceStep([6, 7], 2, 5), SequenceStep([12, 13, 20, 21, 22], 17, 1, _chain(2))],
+]
 
 
 @needs_kernel
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("shape", [(1, 12, 6, 64, 208), (5, 8, 4, 32, 40), (17, 4, 4, 16, 1)])
-def test_matches_softmax_attention_and_is_per_query_invariant(masked, shape):
-    tokens, heads, kv_heads, dim, length = shape
-    gen = torch.Generator().manual_seed(tokens)
-    q = torch.randn(tokens, heads, dim, generator=gen)
-    k, v = torch.randn(2, length, kv_heads, dim, generator=gen)
-    visible = None
-    if masked:
-        visible = torch.rand(tokens, length, generator=gen) > 0.3
-        visible[:, 0] = True
-    out = cpu_attention.lone_attention(q, k, v, visible, dim ** -0.5)
-    want = cpu_attention._reference(q, k, v, visible, dim ** -0.5)
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    for t in range(tokens):
-        alone = cpu_attention.lone_attention(q[t:t + 1], k, v,
-                                             None if visible is None else visible[t:t + 1],
-                                             dim ** -0.5)
-        assert torch.equal(alone[0], out[t])
+@pytest.mark.parametrize("case", range(len(STEPS)))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (12, 6, 64), (4, 4, 16)])
+def test_matches_the_reference(case, heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(case)
+    k_cache, v_cache = _caches(gen, kv_heads, dim)
+    meta = build_metadata(STEPS[case], BLOCK)
+    q = torch.randn(meta.num_tokens, heads, dim, generator=gen)
+    got = cpu_attention.tree_attention_cpu(q, k_cache, v_cache, meta, dim ** -0.5)
+    want = tree_attention_reference(q, k_cache, v_cache, meta, dim ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_fits_only_supported_shapes():
-    q, k = torch.randn(1, 4, 64), torch.randn(9, 2, 64)
-    assert cpu_attention.fits(q, k) == (cpu_attention._library() is not None)
-    assert not cpu_attention.fits(q[..., :24], k[..., :24])  # head_dim not a multiple of 16
-    assert not cpu_attention.fits(q.double(), k.double())
+@needs_kernel
+def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch():
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache = _caches(gen, 2, 32)
+    steps = STEPS[2]
+    meta = build_metadata(steps, BLOCK)
+    q = torch.randn(meta.num_tokens, 4, 32, generator=gen)
+    together = cpu_attention.tree_attention_cpu(q, k_cache, v_cache, meta, 0.17)
+    cu = meta.cu_q_lens.tolist()
+    for b, step in enumerate(steps):
+        alone_meta = build_metadata([step], BLOCK)
+        alone = cpu_attention.tree_attention_cpu(q[cu[b]:cu[b + 1]], k_cache, v_cache,
+                                                 alone_meta, 0.17)
+        assert torch.equal(alone, together[cu[b]:cu[b + 1]])
+
+
+def test_fits_only_supported_tensors():
+    q, k_cache = torch.randn(1, 4, 64), torch.randn(3, 4, 2, 64)
+    assert cpu_attention.fits(q, k_cache) == (cpu_attention._library() is not None)
+    assert not cpu_attention.fits(q[..., :24], k_cache[..., :24])  # head_dim % 16 != 0
+    assert not cpu_attention.fits(q.double(), k_cache.double())
+
+
+def test_loading_the_kernels_leaves_the_floating_point_mode_alone():
+    """A library built with -ffast-math would set flush-to-zero for the whole process."""
+    import numpy as np
+
+    from kernels import cpu_linear
+
+    cpu_attention._library(), cpu_linear.available()
+    assert float(torch.tensor([1e-40]) * 1.0) != 0.0
+    assert float(np.float32(1e-40) * np.float32(1.0)) != 0.0

@@ -88,7 +88,8 @@ def test_import_is_lazy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cpu_dispatch_uses_the_reference():
+def test_cpu_dispatch_runs_the_cpu_kernel_or_the_reference():
+    from kernels import cpu_attention
     from kernels.reference import tree_attention_reference
     from kernels.tree_attention import tree_attention
     from tests.kernels.test_tree_attention_reference import make_batch
@@ -96,7 +97,12 @@ def test_cpu_dispatch_uses_the_reference():
     batch = make_batch(seed=1, prefix_lens=[5], tree_sizes=[4], num_causal=[1], block_size=4,
                        num_heads=2, num_kv_heads=1, head_dim=32)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.meta, 0.2)
-    assert torch.equal(tree_attention(*args), tree_attention_reference(*args))
+    got = tree_attention(*args)
+    if cpu_attention.fits(batch.q, batch.k_cache):
+        assert torch.equal(got, cpu_attention.tree_attention_cpu(*args))
+        torch.testing.assert_close(got, tree_attention_reference(*args), rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(got, tree_attention_reference(*args))
 
 
 def test_cpu_tensors_raise_cuda_unavailable():
