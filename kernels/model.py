@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_norm
 from kernels.attention_metadata import AttentionMetadata
 from kernels.config import ModelConfig
 from kernels.invariant import attention_per_query
@@ -23,9 +24,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_kernel: bool | None = None  # decided at the first call (`kernels.cpu_norm`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, dim]
-        if x.dtype == torch.float32:  # one fused op; HF's formula below up to rounding
+        if self.use_kernel is None:
+            self.use_kernel = cpu_norm.fits(x, self.weight)
+        if self.use_kernel and x.dtype == torch.float32 and x.dim() == 2:
+            return cpu_norm.rms_norm(x, self.weight, self.eps)  # one call, rows independent
+        if x.dtype == torch.float32:  # one op; HF's formula below up to rounding
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
