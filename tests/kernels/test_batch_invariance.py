@@ -12,7 +12,7 @@ from kernels.kv_cache import PagedKVCache
 from kernels.loader import load_model
 from kernels.runner import ForwardItem, ModelRunner
 from kernels.tree import compile_tree
-from tests.conftest import TINY_TARGET
+from tests.conftest import TINY_TARGET, WIDE_DRAFT
 
 pytestmark = pytest.mark.models
 
@@ -36,9 +36,21 @@ def last_logits(runner: ModelRunner, items: list[ForwardItem], name: str) -> tor
     return out.logits[-1]
 
 
-@pytest.mark.parametrize("invariant", [True])
-def test_logits_do_not_depend_on_the_batch_or_the_tree(models, invariant):
-    loaded = load_model(models / TINY_TARGET)
+def _cpu_kernels_available() -> bool:
+    from kernels import cpu_attention, cpu_linear, cpu_norm
+
+    return cpu_linear.available() and cpu_attention._library() is not None \
+        and cpu_norm._library() is not None
+
+
+@pytest.mark.parametrize("model,invariant", [
+    (TINY_TARGET, True),  # the slow invariant mode, any checkpoint
+    # the default mode for an fp16 checkpoint on our CPU kernels: invariant at full speed
+    pytest.param(WIDE_DRAFT, False, marks=pytest.mark.skipif(
+        not _cpu_kernels_available(), reason="CPU kernels unavailable")),
+])
+def test_logits_do_not_depend_on_the_batch_or_the_tree(models, model, invariant):
+    loaded = load_model(models / model)
     loaded.model.set_batch_invariant(invariant)
     runner = runner_for(loaded)
     rng = random.Random(0)
