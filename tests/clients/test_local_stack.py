@@ -64,3 +64,26 @@ async def test_no_redis_server_means_no_cache(models, monkeypatch, caplog):
         async with LocalStack(models / TINY_TARGET, None, cache=True) as stack:
             assert stack.cache_addr is None and list(stack.services) == ["verify"]
     assert "redis-server not found" in caplog.text
+
+
+@pytest.mark.models
+async def test_service_output_readers_leave_the_default_executor_free(models):
+    """Each service's stdout is drained on its own thread: with three stacks in one process
+    (six services) `asyncio.to_thread` (text prompts are tokenized there) still runs. Readers
+    parked in the loop's default executor (min(32, cpus + 4) threads) once starved it."""
+    stacks = [LocalStack(models / TINY_TARGET, models / TINY_DRAFT) for _ in range(3)]
+    try:
+        for stack in stacks:
+            await stack.__aenter__()
+        loop = asyncio.get_running_loop()
+        workers = min(32, (os.cpu_count() or 1) + 4)
+        busy = await asyncio.wait_for(asyncio.gather(
+            *(asyncio.to_thread(lambda: True) for _ in range(workers))), timeout=10)
+        assert all(busy) and loop is asyncio.get_running_loop()
+        async with AsyncSpecMeshClient(stacks[-1].verify_addr, stacks[-1].draft_addr,
+                                       str(models / TINY_TARGET)) as client:
+            result = await asyncio.wait_for(client.generate(PROMPT, 8), timeout=60)
+        assert len(result.token_ids) == 8
+    finally:
+        for stack in stacks:
+            await stack.__aexit__(None, None, None)
