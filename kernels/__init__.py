@@ -4,6 +4,6 @@ torch only; never imports grpc.
 """
 
 from kernels.config import ModelConfig
-from kernels.loader import LoadedModel, load_model
+from kernels.loader import LoadedModel, load_for_service, load_model
 
-__all__ = ["LoadedModel", "ModelConfig", "load_model"]
+__all__ = ["LoadedModel", "ModelConfig", "load_for_service", "load_model"]

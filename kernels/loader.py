@@ -76,3 +76,14 @@ def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
         model.fuse()
     return LoadedModel(model, cfg, path, dtype, torch.device(device),
                        _fingerprint(files, cfg, dtype))
+
+
+def load_for_service(path: str | pathlib.Path, dtype: str = "float32", device: str = "cpu",
+                     threads: int | None = None, batch_invariant: bool = False) -> LoadedModel:
+    """`load_model` as a model service runs it, on the thread that will run every forward:
+    `threads` sets torch's intra-op threads first (None keeps torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    loaded = load_model(path, getattr(torch, dtype), device)
+    loaded.model.set_batch_invariant(batch_invariant)
+    return loaded

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
-from kernels import load_model
+from kernels import load_for_service
 from specmesh.v1 import verify_pb2, verify_pb2_grpc
 from specmesh.wire.metrics import ServiceMetrics
-from specmesh.wire.model_service import ServicerProxy, make_batcher, run, run_model_service
-from specmesh.wire.prefix_cache import make_prefix_cache
+from specmesh.wire.model_service import ServicerProxy, run, run_model_service, start_engine
 from specmesh.wire.service_config import ModelServiceConfig, parse_service_args
 from verify_service.engine import VerifyEngine
 from verify_service.servicer import VerifyServicer
@@ -19,19 +16,8 @@ SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 async def build_servicer(config: ModelServiceConfig,
                         metrics: ServiceMetrics | None = None) -> VerifyServicer:
     """Load the target model (on the batcher's thread) and wrap it in a batched servicer."""
-    engine: VerifyEngine | None = None
-    worker = make_batcher(lambda items: engine.verify_batch(items), config, metrics)
-    # the batcher's one thread loads the model too: every torch op of this process runs on it
-    # (a second thread's OpenMP team would put libgomp in throttled-spin mode: ~1.5x slower)
-    if config.threads is not None:
-        await worker.call(torch.set_num_threads, config.threads)
-    loaded = await worker.call(load_model, config.model, getattr(torch, config.dtype),
-                               config.device)
-    loaded.model.set_batch_invariant(config.batch_invariant)
-    engine = await worker.call(VerifyEngine, loaded, config.kv_cache_mb, config.block_size,
-                               config.idle_evict_s)  # allocates the KV cache: torch work too
-    prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
-                               lambda *args: worker.call(engine.export_prefix, *args), metrics)
+    engine, worker, prefix = await start_engine(config, metrics, load_for_service, VerifyEngine,
+                                                VerifyEngine.verify_batch)
     return VerifyServicer(engine, worker, prefix, metrics)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from specmesh.wire.batcher import DynamicBatcher
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
+from specmesh.wire.prefix_cache import make_prefix_cache
 from specmesh.wire.server import Server, build_server, serve_until_signal
 from specmesh.wire.service_config import ModelServiceConfig
 
@@ -42,6 +43,25 @@ async def run_model_service(
     closer = getattr(servicer_holder.target, "close", None)
     if closer is not None:
         await closer()
+
+
+async def start_engine(config: ModelServiceConfig, metrics: ServiceMetrics | None,
+                       load: Callable, make_engine: Callable, run_batch: Callable):
+    """(engine, batcher, prefix cache) of a model service. The model is loaded and the engine
+    (its KV cache) built on the batcher's one thread, where every forward runs: all torch work of
+    the process on one thread (a second thread's OpenMP team put libgomp in throttled-spin mode,
+    ~1.5x slower). `load(model, dtype, device, threads, batch_invariant)` returns the loaded
+    model; `make_engine(loaded, kv_cache_mb, block_size, idle_evict_s)`; `run_batch(engine,
+    items)` runs one batch."""
+    engine = None
+    worker = make_batcher(lambda items: run_batch(engine, items), config, metrics)
+    loaded = await worker.call(load, config.model, config.dtype, config.device, config.threads,
+                               config.batch_invariant)
+    engine = await worker.call(make_engine, loaded, config.kv_cache_mb, config.block_size,
+                               config.idle_evict_s)
+    prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
+                               lambda *args: worker.call(engine.export_prefix, *args), metrics)
+    return engine, worker, prefix
 
 
 def make_batcher(run_batch: Callable[[list], list], config: ModelServiceConfig,
