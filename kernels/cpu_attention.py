@@ -58,18 +58,31 @@ def _self_check(fn) -> bool:
     return ok
 
 
+_last_metadata: list = [(None, ())]  # [(metadata, its kernel tensors)]: every layer shares one
+
+
+def _kernel_metadata(meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+    """The metadata in the kernel's integer types, converted once per forward, not per layer
+    (one (meta, tensors) pair swapped whole, so threads never see a mixed pair)."""
+    last_meta, tensors = _last_metadata[0]
+    if last_meta is not meta:
+        tensors = (meta.block_tables.to(torch.int32).contiguous(),  # [B, max_blocks]
+                   meta.q_seq_idx.to(torch.int64).contiguous(),  # [T]
+                   meta.q_prefix_lens.to(torch.int32).contiguous(),  # [T]
+                   meta.tree_starts.to(torch.int32).contiguous(),  # [B]
+                   meta.tree_masks.to(torch.int64).contiguous())  # [T, 2]
+        _last_metadata[0] = (meta, tensors)
+    return tensors
+
+
 def _call(fn, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     q = q.contiguous()
-    tables = meta.block_tables.to(torch.int32).contiguous()  # [B, max_blocks]
-    seq_idx = meta.q_seq_idx.to(torch.int64).contiguous()  # [T]
-    prefix = meta.q_prefix_lens.to(torch.int32).contiguous()  # [T]
-    starts = meta.tree_starts.to(torch.int32).contiguous()  # [B]
-    masks = meta.tree_masks.to(torch.int64).contiguous()  # [T, 2]
+    tables, seq_idx, prefix, starts, masks = _kernel_metadata(meta)
     out = torch.empty_like(q)  # [T, H, D]
     max_visible = meta.max_seq_len + MAX_TREE_NODES
     work = num_tokens * num_heads * meta.max_seq_len
-    threads = 1 if work < 1 << 15 else min(num_tokens, torch.get_num_threads())
+    threads = 1 if work < 1 << 12 else min(num_tokens * num_heads, torch.get_num_threads())
     rc = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             tables.shape[1], seq_idx.data_ptr(), prefix.data_ptr(), starts.data_ptr(),
             masks.data_ptr(), out.data_ptr(), num_tokens, num_heads, k_cache.shape[2],

@@ -96,15 +96,23 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
       failed = 1;
     } else {
       int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      /* queries split in contiguous runs: each thread lists a query's positions once */
-      int per = (T + nt - 1) / nt, t0 = tid * per, t1 = t0 + per < T ? t0 + per : T;
-      for (int t = t0; t < t1; t++) {
-        int64_t b = q_seq_idx[t];
-        Kv kv = {k_cache, v_cache, block_tables + b * max_blocks, block_size, Hkv * D};
-        int n = visible(pos, q_prefix_lens[t], tree_starts[b], tree_masks + (int64_t)t * MASK_WORDS);
-        for (int h = 0; h < H; h++)
-          query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, pos, n, s,
-                out + ((int64_t)t * H + h) * D, chunks, scale);
+      /* (query, head) pairs split in contiguous runs, so a few queries still use every thread;
+       * a thread lists a query's positions once per run it touches */
+      int64_t pairs = (int64_t)T * H, per = (pairs + nt - 1) / nt;
+      int64_t i0 = tid * per, i1 = i0 + per < pairs ? i0 + per : pairs;
+      int t = -1, n = 0;
+      Kv kv;
+      for (int64_t i = i0; i < i1; i++) {
+        int h = (int)(i % H);
+        if (i / H != t) {
+          t = (int)(i / H);
+          int64_t b = q_seq_idx[t];
+          kv = (Kv){k_cache, v_cache, block_tables + b * max_blocks, block_size, Hkv * D};
+          n = visible(pos, q_prefix_lens[t], tree_starts[b],
+                      tree_masks + (int64_t)t * MASK_WORDS);
+        }
+        query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, pos, n, s,
+              out + ((int64_t)t * H + h) * D, chunks, scale);
       }
     }
     free(s);

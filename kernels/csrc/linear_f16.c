@@ -26,8 +26,15 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
   __m512 acc[NB][MB];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
+  /* the next tile's weight rows, fetched while this one computes (the first pass over a tile
+   * only): without it the loads wait on memory and a 9-row product runs ~30% slower */
+  const int ahead = m0 == 0 && n + 2 * nb <= N;
+  const uint16_t *next = w + (int64_t)(n + nb) * K;
   for (int k = 0; k < K; k += 16) {
     __m512 wv[NB];
+    if (ahead)
+      for (int j = 0; j < nb; j++)
+        _mm_prefetch((const char *)(next + (int64_t)j * K + k), _MM_HINT_T0);
     for (int j = 0; j < nb; j++)
       wv[j] = _mm512_cvtph_ps(
           _mm256_loadu_si256((const __m256i *)(w + (int64_t)(n + j) * K + k)));
