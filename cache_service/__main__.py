@@ -17,8 +17,7 @@ from cache_service.servicer import CacheServicer
 from cache_service.stats import CacheStats, StatsCollector
 from cache_service.store import RedisStore
 from specmesh.v1 import cache_pb2, cache_pb2_grpc
-from specmesh.wire.model_service import run
-from specmesh.wire.server import Server, build_server, serve_until_signal
+from specmesh.wire.server import Server, build_server, run, serve_until_signal
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from cache_service.engine import CacheEngine
 from cache_service.keys import ResultKeyFields
 from cache_service.stats import CacheStats
 from specmesh.v1 import cache_pb2, cache_pb2_grpc
-from specmesh.wire.errors import InvalidRequest, SpecMeshError
+from specmesh.wire.errors import InvalidRequest, SpecMeshError, status_code
 
 
 def result_fields(key: cache_pb2.ResultKey) -> ResultKeyFields:
@@ -131,7 +131,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         try:
             return await self._put_chunks(request_iterator)
         except SpecMeshError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(status_code(exc), str(exc))
 
     async def _put_chunks(self, request_iterator) -> cache_pb2.PutChunksResponse:
         header, assembler, keys = None, None, []

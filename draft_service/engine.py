@@ -12,24 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from draft_service.tree_builder import TreeGrower
-from kernels.loader import LoadedModel
-from kernels.prefix_kv import num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem
 from kernels.sampling import SamplingConfig
 from kernels.seeding import round_generator
-from kernels.sequence_engine import SequenceEngine
 from kernels.tree import compile_tree
-from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
+from model_service.engine import SequenceEngine, SequenceItem
+from model_service.prefix_kv import seed_prefix
+from specmesh.errors import CapacityExhausted, InvalidRequest
 from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ProposeItem:
-    seq_id: str
-    num_cached_tokens: int
-    new_tokens: list[int]
+class ProposeItem(SequenceItem):
     spec: TreeSpec
     sampling: SamplingConfig = SamplingConfig()
     seed: int | None = None
@@ -38,8 +34,8 @@ class ProposeItem:
 
     @property
     def cost(self) -> int:
-        num_prefix = num_prefix_tokens(self.prefix_chunks, len(self.new_tokens))
-        return len(self.new_tokens) - num_prefix + self.spec.max_nodes
+        """Tokens this item adds to a batched forward (the first one; each depth adds more)."""
+        return self.num_fed + self.spec.max_nodes
 
 
 @dataclass(frozen=True)
@@ -51,10 +47,6 @@ class ProposeResult:
 
 
 class DraftEngine(SequenceEngine):
-    def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 256, block_size: int = 16,
-                 idle_evict_s: float = 60.0):
-        super().__init__(loaded, kv_cache_mb, block_size, idle_evict_s)
-
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         """One forward for the new tokens of every item, then one per tree depth; each failure
         is confined to its item (a failed forward fails only the items in it, uncommitted)."""
@@ -74,7 +66,7 @@ class DraftEngine(SequenceEngine):
                     "draft")
                 ready.append((i, fwd, TreeGrower(item.spec, item.sampling, gen)))
             except Exception as exc:  # noqa: BLE001 - confined to this item
-                results[i] = as_wire_error(exc)
+                results[i] = exc
         if not ready:
             return results  # type: ignore[return-value]
         try:
@@ -123,7 +115,6 @@ class DraftEngine(SequenceEngine):
 
     def _prepare(self, item: ProposeItem, keep: set[str]) -> tuple[ForwardItem, int]:
         """The forward to run and how many positions came from the cached prefix."""
-        item.sampling.validate()
         step = self.sequences.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
         total = step.num_cached + len(step.new_tokens) + item.spec.max_nodes
         if item.spec.enabled and total > self.sequences.max_context:

@@ -49,15 +49,12 @@ import torch
 
 from kernels.tree import TreeBuffers
 
-
 MIN_TEMPERATURE = 1e-5
 
 
 class InvalidSampling(ValueError):
-    """A sampling parameter is out of range: the caller's fault (services answer
-    INVALID_ARGUMENT on `field`), unlike other ValueErrors here, which are broken invariants."""
-
-    wire_status = "INVALID_ARGUMENT"
+    """A sampling parameter is out of range: the caller's fault (the model-service edge turns
+    it into InvalidRequest on `field`), unlike other ValueErrors here: broken invariants."""
 
     def __init__(self, name: str, message: str):
         super().__init__(message)

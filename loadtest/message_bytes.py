@@ -12,6 +12,7 @@ import argparse
 from draft_service.engine import DraftEngine, ProposeItem
 from kernels import load_model
 from kernels.sampling import SamplingConfig
+from model_service.config import EngineConfig
 from specmesh.v1 import common_pb2, draft_pb2
 from specmesh.wire.codec import encode_sparse
 from specmesh.wire.tree_spec import TreeSpec
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draft", default="../shared/models/stories260K-draft2L")
     args = parser.parse_args(argv)
     loaded = load_model(args.draft)
-    engine = DraftEngine(loaded, kv_cache_mb=64)
+    engine = DraftEngine(loaded, EngineConfig(kv_cache_mb=64))
     vocab = loaded.config.vocab_size
     print(f"{'tree':12} {'sampling':22} {'nodes':>5} {'dists':>5} {'bytes':>7} {'dense fp32':>10}")
     for spec_text in ("chain:4", "dynamic:16"):

@@ -5,26 +5,20 @@ from __future__ import annotations
 import contextlib
 import pathlib
 
-from draft_service.__main__ import SERVICE_NAME as DRAFT_NAME
-from draft_service.__main__ import build_servicer as build_draft
-from specmesh.v1 import draft_pb2_grpc, verify_pb2_grpc
+from draft_service.__main__ import SPEC as DRAFT
+from model_service.config import ModelServiceConfig
+from model_service.startup import build_servicer
 from specmesh.wire.server import build_server
-from specmesh.wire.service_config import ModelServiceConfig
-from verify_service.__main__ import SERVICE_NAME as VERIFY_NAME
-from verify_service.__main__ import build_servicer as build_verify
+from verify_service.__main__ import SPEC as VERIFY
 
 
 @contextlib.asynccontextmanager
 async def model_server(kind: str, model: pathlib.Path, **config):
     """Yield (address, servicer) of a started, SERVING draft or verify server."""
-    cfg = ModelServiceConfig(model=str(model), **config)
-    if kind == "draft":
-        servicer = await build_draft(cfg)
-        add, name = draft_pb2_grpc.add_DraftServiceServicer_to_server, DRAFT_NAME
-    else:
-        servicer = await build_verify(cfg)
-        add, name = verify_pb2_grpc.add_VerifyServiceServicer_to_server, VERIFY_NAME
-    server = await build_server([(add, servicer)], [name], port=0,
+    cfg = ModelServiceConfig.from_flat(model=str(model), **config)
+    spec = DRAFT if kind == "draft" else VERIFY
+    servicer = await build_servicer(spec, cfg)
+    server = await build_server([(spec.add_to_server, servicer)], [spec.full_name], port=0,
                                 max_message_bytes=int(cfg.max_message_mb * (1 << 20)))
     await server.start()
     await server.set_serving(True)

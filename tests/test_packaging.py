@@ -16,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name,where", [
     ("specmesh", "protos/specmesh"), ("specmesh.v1.verify_pb2", "protos/specmesh/v1"),
     ("specmesh.wire", "protos/specmesh/wire"), ("kernels", "kernels"),
+    ("model_service", "model_service"),
     ("draft_service", "draft_service"), ("verify_service", "verify_service"),
     ("clients", "clients"),
 ])

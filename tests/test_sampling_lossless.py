@@ -17,6 +17,7 @@ from scipy import stats
 from draft_service.engine import DraftEngine, ProposeItem
 from kernels import load_model
 from kernels.sampling import SamplingConfig
+from model_service.config import EngineConfig
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from verify_service.engine import VerifyEngine, VerifyItem
@@ -31,9 +32,12 @@ CONFIG = SamplingConfig(temperature=1.0, top_p=0.95, top_k=6)
 def hf_target_pairs(folder) -> dict[tuple[int, int], float]:
     """P(t1, t2) of the target with HF's own warpers (temperature, top-k, top-p), nothing of ours."""
     from transformers import AutoModelForCausalLM
-    from transformers.generation.logits_process import (LogitsProcessorList,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     warp = LogitsProcessorList([TemperatureLogitsWarper(CONFIG.temperature),
@@ -59,8 +63,8 @@ def one_thread():
 
 def sample_pairs(models, spec: TreeSpec):
     """Generate NUM_SAMPLES two-token continuations; also collect (t1, t2) after rejections."""
-    draft = DraftEngine(load_model(models / TINY_DRAFT), kv_cache_mb=256)
-    target = VerifyEngine(load_model(models / TINY_TARGET), kv_cache_mb=256)
+    draft = DraftEngine(load_model(models / TINY_DRAFT), EngineConfig(kv_cache_mb=256))
+    target = VerifyEngine(load_model(models / TINY_TARGET), EngineConfig(kv_cache_mb=256))
     pairs, after_rejection = [], []
     for start in range(0, NUM_SAMPLES, BATCH):
         seqs = {f"s{i}": list(PROMPT) for i in range(start, start + BATCH)}

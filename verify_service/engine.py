@@ -14,23 +14,26 @@ import torch
 
 from kernels.attention_metadata import MAX_TREE_NODES
 from kernels.loader import LoadedModel
-from kernels.prefix_kv import num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem
-from kernels.sampling import (Acceptance, SamplingConfig, greedy_accept, tree_rejection_sample,
-                              warp_logits_to_probs)
+from kernels.sampling import (
+    Acceptance,
+    SamplingConfig,
+    greedy_accept,
+    tree_rejection_sample,
+    warp_logits_to_probs,
+)
 from kernels.seeding import round_generator
-from kernels.sequence_engine import SequenceEngine
 from kernels.tree import TreeBuffers, compile_tree
-from specmesh.wire.errors import CapacityExhausted, InvalidRequest, as_wire_error
+from model_service.config import EngineConfig
+from model_service.engine import SequenceEngine, SequenceItem
+from model_service.prefix_kv import seed_prefix
+from specmesh.errors import CapacityExhausted, InvalidRequest
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VerifyItem:
-    seq_id: str
-    num_cached_tokens: int
-    new_tokens: list[int]
+class VerifyItem(SequenceItem):
     tree_tokens: list[int] = field(default_factory=list)
     tree_parents: list[int] = field(default_factory=list)
     # Sampling only, one per tree node + 1 (row 0 = root): (token_ids [s], probs_f16 [s]) or None
@@ -44,8 +47,7 @@ class VerifyItem:
     @property
     def cost(self) -> int:
         """Tokens this item adds to a batched forward."""
-        num_prefix = num_prefix_tokens(self.prefix_chunks, len(self.new_tokens))
-        return len(self.new_tokens) - num_prefix + len(self.tree_tokens) + 1
+        return self.num_fed + len(self.tree_tokens) + 1
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ class _Prepared:
 
 
 class VerifyEngine(SequenceEngine):
-    def __init__(self, loaded: LoadedModel, kv_cache_mb: float = 1024, block_size: int = 16,
-                 idle_evict_s: float = 60.0, max_tree_nodes: int = MAX_TREE_NODES):
-        super().__init__(loaded, kv_cache_mb, block_size, idle_evict_s)
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
+                 max_tree_nodes: int = MAX_TREE_NODES):
+        super().__init__(loaded, config)
         self.max_tree_nodes = min(max_tree_nodes, MAX_TREE_NODES)
 
     # -- one batch -------------------------------------------------------------------------
@@ -91,7 +93,7 @@ class VerifyEngine(SequenceEngine):
                 self._reserve(prep, batch_ids)
                 ready.append((i, prep))
             except Exception as exc:  # noqa: BLE001 - confined to this item
-                results[i] = as_wire_error(exc)
+                results[i] = exc
         if not ready:
             return results  # type: ignore[return-value]
         try:
@@ -109,7 +111,7 @@ class VerifyEngine(SequenceEngine):
             except Exception as exc:  # noqa: BLE001 - confined to this item
                 log.exception("acceptance failed for %s", prep.item.seq_id)
                 self._roll_back(prep)
-                results[i] = as_wire_error(exc)
+                results[i] = exc
         return results  # type: ignore[return-value]
 
     def _roll_back(self, prep: _Prepared) -> None:
@@ -119,7 +121,6 @@ class VerifyEngine(SequenceEngine):
             self.kv.truncate(seq_id, min(prep.num_cached, self.kv.num_tokens(seq_id)))
 
     def _prepare(self, item: VerifyItem, keep: set[str]) -> _Prepared:
-        item.sampling.validate()
         if len(item.tree_tokens) > self.max_tree_nodes:
             raise InvalidRequest("tree.tokens", f"{len(item.tree_tokens)} nodes; at most "
                                  f"{self.max_tree_nodes} per request")

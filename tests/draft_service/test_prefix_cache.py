@@ -10,6 +10,7 @@ import torch
 from draft_service.engine import DraftEngine, ProposeItem
 from kernels import load_model
 from kernels.sampling import SamplingConfig
+from model_service.config import EngineConfig
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT
 
@@ -19,7 +20,7 @@ CHUNK = 16
 
 @pytest.fixture(scope="module")
 def engine(models):
-    return DraftEngine(load_model(models / TINY_DRAFT), kv_cache_mb=8)
+    return DraftEngine(load_model(models / TINY_DRAFT), EngineConfig(kv_cache_mb=8))
 
 
 @pytest.mark.parametrize("sampling, seed", [(SamplingConfig(), None),

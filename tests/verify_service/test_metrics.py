@@ -7,12 +7,13 @@ import urllib.request
 import grpc
 import pytest
 
+from model_service.config import ModelServiceConfig
+from model_service.startup import build_servicer
 from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import build_server
-from specmesh.wire.service_config import ModelServiceConfig
 from tests.conftest import TINY_TARGET
-from verify_service.__main__ import SERVICE_NAME, build_servicer
+from verify_service.__main__ import SERVICE_NAME, SPEC
 
 pytestmark = pytest.mark.models
 
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.models
 async def test_verify_metrics_are_scraped(models):
     metrics = ServiceMetrics("verify")
     port = start_metrics_server(0, metrics)
-    servicer = await build_servicer(ModelServiceConfig(model=str(models / TINY_TARGET)), metrics)
+    config = ModelServiceConfig(model=str(models / TINY_TARGET))
+    servicer = await build_servicer(SPEC, config, metrics)
     server = await build_server(
         [(verify_pb2_grpc.add_VerifyServiceServicer_to_server, servicer)], [SERVICE_NAME],
         interceptors=[MetricsInterceptor(metrics)])

@@ -13,6 +13,7 @@ from cache_service.config import CacheServiceConfig
 from clients.async_client import AsyncSpecMeshClient
 from clients.tokenizer import TextCodec
 from kernels import load_model
+from model_service.config import EngineConfig
 from specmesh.wire.cache_client import CacheClient
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import model_server
@@ -120,8 +121,8 @@ async def test_redis_killed_mid_run_changes_nothing(models, prompts, reference, 
 
 def test_engine_ignores_prefix_of_another_model(models, prompts):
     """Chunks shaped for the draft offered to the target are never loaded."""
-    target = VerifyEngine(load_model(models / TINY_TARGET), kv_cache_mb=8)
-    draft = VerifyEngine(load_model(models / TINY_DRAFT), kv_cache_mb=8)
+    target = VerifyEngine(load_model(models / TINY_TARGET), EngineConfig(kv_cache_mb=8))
+    draft = VerifyEngine(load_model(models / TINY_DRAFT), EngineConfig(kv_cache_mb=8))
     p = prompts["first"]
     ref = target.verify_batch([VerifyItem("a", 0, p)])[0]
     draft.verify_batch([VerifyItem("d", 0, p)])

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from specmesh.v1 import common_pb2
-from specmesh.wire.errors import InvalidRequest, SpecMeshError, as_wire_error
+from specmesh.wire.errors import InvalidRequest, SpecMeshError, status_code
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ async def run_items(requests: Sequence[Any], to_item: Callable[[Any], Any],
         try:
             todo.append((i, to_item(req)))
         except Exception as exc:  # noqa: BLE001 - confined to this item
-            outcomes[i] = as_wire_error(exc)
+            outcomes[i] = exc
     results = await asyncio.gather(*(submit(item) for _, item in todo), return_exceptions=True)
     for (i, _), res in zip(todo, results):
         if isinstance(res, asyncio.CancelledError):
@@ -53,7 +53,7 @@ async def run_items(requests: Sequence[Any], to_item: Callable[[Any], Any],
 def item_error(exc: BaseException) -> common_pb2.ItemError:
     """The wire form of one item's failure (never UNKNOWN; internals stay in the log)."""
     if isinstance(exc, SpecMeshError):
-        return common_pb2.ItemError(code=exc.code.value[0], message=str(exc))
+        return common_pb2.ItemError(code=status_code(exc).value[0], message=str(exc))
     log.error("unhandled error in a batch item", exc_info=exc)
     return common_pb2.ItemError(code=grpc.StatusCode.INTERNAL.value[0],
                                 message=f"internal error ({type(exc).__name__})")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from specmesh.wire.errors import SpecMeshError
+from specmesh.wire.errors import SpecMeshError, status_code
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
@@ -156,7 +156,7 @@ def status_of(exc: BaseException | None, context) -> str:
         except Exception:  # noqa: BLE001 - older grpc without ServicerContext.code()
             return "OK" if exc is None else "UNKNOWN"
     if isinstance(exc, SpecMeshError):
-        return exc.code.name
+        return status_code(exc).name
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
     return "INTERNAL"

@@ -1,15 +1,16 @@
 """Stock server plumbing, written once: aio server, error interceptor, health, reflection, stop.
 
-    server, port = await build_server([(add_FooServicer_to_server, servicer)], port=0,
-                                      service_names=[FOO_SERVICE_NAME])
-    await server.start()
-    set_serving(health, True)   # once the model is loaded
+    server = await build_server([(add_FooServicer_to_server, servicer)], [FOO_SERVICE_NAME],
+                                port=0)
+    await server.start()           # server.port is the bound port
+    await server.set_serving(True)  # once the model is loaded
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -17,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specmesh.wire.errors import SpecMeshError
+from specmesh.wire.errors import SpecMeshError, status_code
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ CHANNEL_OPTIONS = message_options(MAX_MESSAGE_BYTES)
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SpecMeshError):
-        return exc.code, str(exc)
+        return status_code(exc), str(exc)
     if isinstance(exc, DecodeError):  # a streamed request message that does not parse
         return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
     log.exception("unhandled error in handler", exc_info=exc)
@@ -216,7 +217,8 @@ async def wait_for_serving(address: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def serve_until_signal(server: Server, grace: float = 5.0, ready_line: str | None = None) -> None:
+async def serve_until_signal(server: Server, grace: float = 5.0,
+                             ready_line: str | None = None) -> None:
     """Block until SIGINT/SIGTERM, then stop gracefully. Prints `ready_line` once listening."""
     import asyncio
     import signal
@@ -232,3 +234,12 @@ async def serve_until_signal(server: Server, grace: float = 5.0, ready_line: str
         print(ready_line, flush=True)
     await stop.wait()
     await server.stop(grace)
+
+
+def run(coro: Awaitable) -> None:
+    """A service process's main: INFO logging, run `coro` until it returns or Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass

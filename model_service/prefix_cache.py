@@ -2,14 +2,15 @@
 
 The servicer asks the cache for a new sequence's longest cached prefix before the item goes to
 the engine, and after the prefill stores the prompt's new full chunks in a background task, off
-the token path. The torch side (writing and reading the KV) is `kernels.prefix_kv`; here there is
-no torch, only the numpy chunk arrays and a callable that exports them on the engine thread.
+the token path. The torch side (writing and reading the KV) is `model_service.prefix_kv`; here
+there is no torch, only the numpy chunk arrays and a callable that exports them on the engine
+thread.
 
     prefix = PrefixCache(CacheClient(addr), loaded.fingerprint, 16, export)
     result = await prefix.submit(worker.submit, item)   # instead of worker.submit(item)
 
 which is `load` (the item's engine then seeds the sequence with the chunks: see
-`kernels.prefix_kv.seed_prefix`), the engine call, then `store_later`.
+`model_service.prefix_kv.seed_prefix`), the engine call, then `store_later`.
 
 Cache trouble never fails a generation: `CacheClient` answers misses, and a store that fails is
 only logged.

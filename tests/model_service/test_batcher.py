@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from specmesh.wire.batcher import BatcherClosed, DynamicBatcher
+from model_service.batcher import BatcherClosed, DynamicBatcher
 
 
 class Recorder:

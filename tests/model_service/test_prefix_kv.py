@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kernels import load_model
-from kernels.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
 from kernels.runner import ForwardItem, ModelRunner
-from kernels.sequences import SequenceStore
+from model_service.config import EngineConfig
+from model_service.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
+from model_service.sequences import SequenceStore
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 
 pytestmark = pytest.mark.models
@@ -20,7 +21,7 @@ CHUNK = 16
 class Model:
     def __init__(self, path):
         self.loaded = load_model(path)
-        self.store = SequenceStore.for_model(self.loaded, kv_cache_mb=8, block_size=8)
+        self.store = SequenceStore.for_model(self.loaded, EngineConfig(kv_cache_mb=8, block_size=8))
         self.runner = ModelRunner(self.loaded, self.store.kv)
 
     def prefill(self, seq: str, tokens: list[int], chunks=()) -> tuple[torch.Tensor, int]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model_service.prefix_cache import PrefixCache, make_prefix_cache
 from specmesh.wire.metrics import ServiceMetrics
-from specmesh.wire.prefix_cache import PrefixCache, make_prefix_cache
 
 CHUNK = 4
 

@@ -3,7 +3,7 @@
 A model service that found the first chunks of a new prompt in the cache writes their KV into
 the sequence with `seed_prefix` and prefills only the rest; after that prefill it reads the KV of
 the prompt's new full chunks with `export_prefix` and stores them (the async side, in
-`specmesh.wire.prefix_cache`). Chunks are numpy arrays `[num_layers, 2, chunk_size, Hkv, D]`
+`model_service.prefix_cache`). Chunks are numpy arrays `[num_layers, 2, chunk_size, Hkv, D]`
 (see `kernels.kv_transfer`). Anything that does not fit the cache is ignored, never loaded:
 the sequence is then prefilled from scratch, with the same result.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kernels.kv_transfer import export_chunks, import_chunks
-from kernels.sequences import SequenceStore, SyncedStep
+from model_service.sequences import SequenceStore, SyncedStep
 
 log = logging.getLogger(__name__)
 

@@ -10,23 +10,8 @@ from dataclasses import dataclass
 
 from kernels.kv_cache import NoRoom, PagedKVCache
 from kernels.loader import LoadedModel
-
-
-class FieldError(ValueError):
-    """A request field is invalid; `field` names it (services map this to INVALID_ARGUMENT)."""
-
-    wire_status = "INVALID_ARGUMENT"
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-class SequenceNotFound(KeyError):
-    """No state for this sequence id (never seen, released or evicted)."""
-
-    wire_status = "NOT_FOUND"
+from model_service.config import EngineConfig
+from specmesh.errors import InvalidRequest, UnknownSequence
 
 
 @dataclass
@@ -42,7 +27,7 @@ class SequenceStore:
     """Token ids per sequence, kept in step with the KV cache's committed positions."""
 
     def __init__(self, kv: PagedKVCache, vocab_size: int, max_context: int,
-                 idle_evict_s: float = 60.0):
+                 idle_evict_s: float):
         self.kv = kv
         self.vocab_size = vocab_size
         self.max_context = max_context
@@ -50,23 +35,24 @@ class SequenceStore:
         self._tokens: dict[str, list[int]] = {}
 
     @classmethod
-    def for_model(cls, loaded: LoadedModel, kv_cache_mb: float, block_size: int = 16,
-                  idle_evict_s: float = 60.0) -> "SequenceStore":
-        """A store over a fresh KV cache of `kv_cache_mb` MiB shaped for `loaded`."""
+    def for_model(cls, loaded: LoadedModel, config: EngineConfig) -> "SequenceStore":
+        """A store over a fresh KV cache of `config.kv_cache_mb` MiB shaped for `loaded`."""
         cfg = loaded.config
-        num_blocks = PagedKVCache.blocks_for_mb(kv_cache_mb, cfg.num_layers, cfg.num_kv_heads,
-                                                cfg.head_dim, block_size, loaded.dtype)
-        kv = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size,
+        num_blocks = PagedKVCache.blocks_for_mb(config.kv_cache_mb, cfg.num_layers,
+                                                cfg.num_kv_heads, cfg.head_dim,
+                                                config.block_size, loaded.dtype)
+        kv = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
                           num_blocks, loaded.dtype, loaded.device)
-        return cls(kv, cfg.vocab_size, cfg.max_position_embeddings, idle_evict_s)
+        return cls(kv, cfg.vocab_size, cfg.max_position_embeddings, config.idle_evict_s)
 
     def reserve(self, seq_id: str, num_positions: int, keep: set[str]) -> NoRoom | None:
         """Reserve KV for positions [0, num_positions); when full, evict sequences idle for
         longer than `idle_evict_s` (never those in `keep`) and try once more."""
         blocks = -(-num_positions // self.kv.block_size)
         if blocks > self.kv.num_blocks:
-            raise FieldError("header.new_tokens", f"the sequence needs {blocks} KV blocks but the "
-                             f"whole cache holds {self.kv.num_blocks} (raise --kv-cache-mb)")
+            raise InvalidRequest("header.new_tokens",
+                                 f"the sequence needs {blocks} KV blocks but the whole cache "
+                                 f"holds {self.kv.num_blocks} (raise --kv-cache-mb)")
         if self.kv.reserve(seq_id, num_positions) is None:
             return None
         self.forget_evicted(self.kv.evict_idle(self.idle_evict_s, keep=keep))
@@ -82,37 +68,38 @@ class SequenceStore:
     def check_tokens(self, tokens: list[int], field: str) -> None:
         for i, t in enumerate(tokens):
             if not 0 <= t < self.vocab_size:
-                raise FieldError(f"{field}[{i}]", f"token id {t} outside [0, {self.vocab_size})")
+                raise InvalidRequest(f"{field}[{i}]",
+                                     f"token id {t} outside [0, {self.vocab_size})")
 
     def sync(self, seq_id: str, num_cached: int, new_tokens: list[int],
              field_prefix: str = "header") -> SyncedStep:
         """Truncate to `num_cached` and return the causal tokens to run (validated)."""
         if not seq_id:
-            raise FieldError(f"{field_prefix}.sequence_id", "must not be empty")
+            raise InvalidRequest(f"{field_prefix}.sequence_id", "must not be empty")
         if num_cached < 0:
-            raise FieldError(f"{field_prefix}.num_cached_tokens", f"{num_cached} is negative")
+            raise InvalidRequest(f"{field_prefix}.num_cached_tokens", f"{num_cached} is negative")
         self.check_tokens(new_tokens, f"{field_prefix}.new_tokens")
         if num_cached == 0:
             if not new_tokens:
-                raise FieldError(f"{field_prefix}.new_tokens", "empty prompt")
+                raise InvalidRequest(f"{field_prefix}.new_tokens", "empty prompt")
             self.kv.create(seq_id)
             self._tokens[seq_id] = []
         else:
             if seq_id not in self:
-                raise SequenceNotFound(seq_id)
+                raise UnknownSequence.for_id(seq_id, f"{field_prefix}.sequence_id")
             held = len(self._tokens[seq_id])
             if num_cached > held:
-                raise FieldError(f"{field_prefix}.num_cached_tokens",
-                                 f"{num_cached} exceeds the {held} tokens held for {seq_id}")
+                raise InvalidRequest(f"{field_prefix}.num_cached_tokens",
+                                     f"{num_cached} exceeds the {held} tokens held for {seq_id}")
             if not new_tokens:  # re-run the last token to get its logits again
                 new_tokens = self._tokens[seq_id][num_cached - 1:num_cached]
                 num_cached -= 1
             self.kv.truncate(seq_id, num_cached)
             del self._tokens[seq_id][num_cached:]
         if num_cached + len(new_tokens) > self.max_context:
-            raise FieldError(f"{field_prefix}.new_tokens",
-                             f"sequence of {num_cached + len(new_tokens)} tokens exceeds the "
-                             f"context of {self.max_context}")
+            raise InvalidRequest(f"{field_prefix}.new_tokens",
+                                 f"sequence of {num_cached + len(new_tokens)} tokens exceeds the "
+                                 f"context of {self.max_context}")
         return SyncedStep(seq_id, list(new_tokens), num_cached)
 
     def commit(self, seq_id: str, tokens: list[int]) -> None:

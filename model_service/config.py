@@ -1,0 +1,96 @@
+"""The knobs of a model service (draft or verify), each written once with its help text.
+
+`EngineConfig` is what an engine needs (its KV cache); `ModelServiceConfig` is everything a
+service process needs, engine knobs included, and its command line is built from its fields
+(`specmesh.wire.config_args`), so a default lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from specmesh.wire.config_args import add_dataclass_args, from_args
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_mb: float = 1024.0
+    """Memory cap of the paged KV cache, MiB."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    idle_evict_s: float = 60.0
+    """Sequences idle this long may be evicted when the KV cache is full."""
+
+    def __post_init__(self):
+        if self.kv_cache_mb <= 0:
+            raise ValueError(f"kv_cache_mb: {self.kv_cache_mb} must be positive")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size: {self.block_size} must be positive")
+
+
+@dataclass(frozen=True)
+class ModelServiceConfig:
+    model: str
+    """HF model folder."""
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (printed on start)."""
+    device: str = "cpu"
+    """torch device ('cpu', 'cuda', 'cuda:1')."""
+    dtype: str = "float32"
+    """Weights and KV dtype: float32, float16 or bfloat16."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine's KV cache (flags --kv-cache-mb, --block-size, --idle-evict-s)."""
+    max_batch_tokens: int = 2048
+    """Most tokens one batched forward may carry."""
+    max_wait_ms: float = 2.0
+    """How long the batcher waits for more callers after the first item arrives."""
+    metrics_port: int | None = None
+    """Prometheus /metrics port; None = no metrics server."""
+    cache_addr: str | None = None
+    """host:port of the cache service for prefix KV; None = no prefix cache."""
+    batch_invariant: bool = False
+    """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
+    output never depends on its batch mates or its tree. Much slower; for reproducibility."""
+    threads: int | None = None
+    """torch/OpenMP threads of the service's one torch thread; None = torch's default (one per
+    core). The draft model is small enough that one thread can beat two (no team wake-ups)."""
+    max_message_mb: float = 64.0
+    """Largest request or response message, MiB (a batched Verify carries every running
+    sequence's tree and, when sampling, its draft distributions)."""
+    prefix_chunk_size: int = 16
+    """Tokens per prefix-KV chunk in the cache (part of every chunk key: the draft and verify
+    services of one deployment should agree, though each model has its own keys anyway)."""
+
+    def __post_init__(self):
+        if self.max_message_mb <= 0:
+            raise ValueError(f"max_message_mb: {self.max_message_mb} must be positive")
+        if self.prefix_chunk_size <= 0:
+            raise ValueError(f"prefix_chunk_size: {self.prefix_chunk_size} must be positive")
+        if self.max_batch_tokens <= 0 or self.max_wait_ms < 0:
+            raise ValueError("max_batch_tokens must be positive, max_wait_ms >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: {self.threads} must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} not in {'/'.join(DTYPES)}")
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> "ModelServiceConfig":
+        """Built from flat keywords as on the command line (`kv_cache_mb=8` goes to `engine`)."""
+        engine_keys = {f.name for f in fields(EngineConfig)}
+        engine = EngineConfig(**{k: values.pop(k) for k in list(values) if k in engine_keys})
+        return cls(**values, engine=engine)
+
+
+def parse_service_args(prog: str, argv: list[str] | None = None,
+                       defaults: Mapping[str, Any] | None = None) -> ModelServiceConfig:
+    """A service's command line; `defaults` are that service's own (e.g. the draft's)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_dataclass_args(parser, ModelServiceConfig, defaults)
+    return from_args(ModelServiceConfig, parser.parse_args(argv))

@@ -1,0 +1,51 @@
+"""SequenceEngine: what every model service's engine owns (model, paged KV, sequences)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.loader import LoadedModel
+from kernels.runner import ModelRunner
+from model_service.config import EngineConfig
+from model_service.prefix_kv import export_prefix, num_prefix_tokens
+from model_service.sequences import SequenceStore
+
+
+@dataclass(frozen=True)
+class SequenceItem:
+    """The sequence header every model-service work item starts with (DESIGN.md §2)."""
+
+    seq_id: str
+    num_cached_tokens: int
+    new_tokens: list[int]
+
+    @property
+    def num_fed(self) -> int:
+        """New tokens the forward runs: those a cached prefix (`prefix_chunks`, where the item
+        has them) supplies are not."""
+        chunks = getattr(self, "prefix_chunks", ())
+        return len(self.new_tokens) - num_prefix_tokens(chunks, len(self.new_tokens))
+
+
+class SequenceEngine:
+    """The loaded model, its KV cache (`config.kv_cache_mb` MiB), per-sequence token lists, a
+    runner."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.config = config
+        self.sequences = SequenceStore.for_model(loaded, config)
+        self.kv = self.sequences.kv
+        self.runner = ModelRunner(loaded, self.kv)
+
+    def release(self, seq_ids: list[str]) -> int:
+        return self.sequences.release(seq_ids)
+
+    def export_prefix(self, seq_id: str, token_ids: list[int], chunk_size: int,
+                      start_chunk: int, end_chunk: int) -> list[np.ndarray]:
+        """KV chunks [start_chunk, end_chunk) of a sequence for the prefix cache (see
+        `model_service.prefix_kv.export_prefix`)."""
+        return export_prefix(self.sequences, seq_id, token_ids, chunk_size, start_chunk,
+                             end_chunk)

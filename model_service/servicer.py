@@ -1,0 +1,92 @@
+"""What the draft and verify servicers share: batched submission (through the prefix cache when
+there is one), releases, model info, metrics of the KV cache and queue, and shutdown.
+
+A service's servicer adds only its proto <-> engine conversions:
+
+    class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
+        release_reply = draft_pb2.ReleaseResponse
+        async def Propose(self, request, context):
+            item, result = await self.run_one(request, to_item)
+            return self._response(result)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kernels.sampling import InvalidSampling, SamplingConfig
+from model_service.batcher import DynamicBatcher
+from model_service.engine import SequenceEngine
+from model_service.prefix_cache import PrefixCache
+from specmesh.errors import InvalidRequest
+from specmesh.v1 import common_pb2
+from specmesh.wire.batch_rpc import run_items
+from specmesh.wire.codec import model_info
+from specmesh.wire.metrics import ServiceMetrics
+
+
+def sampling_config(msg: common_pb2.SamplingParams) -> tuple[SamplingConfig, int | None]:
+    """The request's sampling fields as the engine's SamplingConfig (checked here, once:
+    InvalidRequest names the field) and the seed."""
+    config = SamplingConfig(temperature=msg.temperature,
+                            top_p=msg.top_p if msg.HasField("top_p") else 1.0, top_k=msg.top_k)
+    try:
+        config.validate()
+    except InvalidSampling as exc:
+        raise InvalidRequest(exc.field, exc.problem) from exc
+    return config, (msg.seed if msg.HasField("seed") else None)
+
+
+class ModelServicer:
+    """Engine work goes through `worker` (one thread, batched); proto handling stays here."""
+
+    release_reply: Callable[..., Any]  # the service's Release response message class
+
+    def __init__(self, engine: SequenceEngine, worker: DynamicBatcher,
+                 prefix: PrefixCache | None = None, metrics: ServiceMetrics | None = None):
+        self.engine = engine
+        self.worker = worker
+        self.metrics = metrics
+        self.prefix = prefix  # prefix KV through the cache service; None = off
+
+    async def run_one(self, request, to_item: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """A single-item RPC: decode, free the finished sequences it names, run; (item, result)."""
+        item = to_item(request)
+        await self.release_finished(request.finished_sequence_ids)
+        return item, await self.submit(item)
+
+    async def run_batch(self, request, to_item: Callable[[Any], Any]) -> list[Any]:
+        """A batched RPC: one outcome (result or exception) per item, in order."""
+        await self.release_finished(request.finished_sequence_ids)
+        return await run_items(request.requests, to_item, self.submit)
+
+    async def submit(self, item):
+        if self.prefix is None:
+            return await self.worker.submit(item)
+        return await self.prefix.submit(self.worker.submit, item)
+
+    async def release_finished(self, seq_ids: Sequence[str]) -> int:
+        if not seq_ids:
+            return 0
+        n = await self.worker.call(self.engine.release, list(seq_ids))
+        self.observe_state()
+        return n
+
+    def observe_state(self) -> None:
+        """KV blocks in use and queue depth, after each change."""
+        if self.metrics is not None:
+            self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
+                                       self.engine.kv.num_free_blocks)
+            self.metrics.set_queue_depth(self.worker.queue_depth)
+
+    async def Release(self, request, context):
+        return self.release_reply(num_released=await self.release_finished(request.sequence_ids))
+
+    async def GetModelInfo(self, request, context):
+        return model_info(self.engine.loaded)
+
+    async def close(self) -> None:
+        if self.prefix is not None:
+            await self.prefix.close()
+        await self.worker.stop()

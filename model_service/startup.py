@@ -1,0 +1,122 @@
+"""Start-up shared by the draft and verify services: serve health first, load, then SERVING.
+
+A service describes itself once (`ServiceSpec`); everything else is here:
+
+    SPEC = ServiceSpec("specmesh serve verify", verify_pb2, "VerifyService",
+                       verify_pb2_grpc.add_VerifyServiceServicer_to_server,
+                       VerifyEngine, VerifyEngine.verify_batch, VerifyServicer)
+    main(SPEC)                               # the process: flags, bind, load, serve until signal
+    servicer = await build_servicer(SPEC, config)   # in-process (tests)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from model_service.batcher import DynamicBatcher
+from model_service.config import ModelServiceConfig, parse_service_args
+from model_service.prefix_cache import make_prefix_cache
+from model_service.servicer import ModelServicer
+from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
+from specmesh.wire.server import build_server, run, serve_until_signal
+
+# libgomp spins this many rounds before a thread sleeps; its default (300000, milliseconds on
+# this class of CPU) kept the verify service's idle OpenMP worker burning a core while the
+# draft service and the RPC threads waited for one. Set before torch loads libgomp.
+GOMP_SPINCOUNT = "20000"
+
+
+def tune_openmp() -> None:
+    """Call before importing torch: our default spin count unless the environment sets one."""
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    prog: str  # shown in --help
+    pb2: ModuleType  # the service's *_pb2 module
+    service: str  # its service name in the proto ("VerifyService")
+    add_to_server: Callable  # the generated add_*Servicer_to_server
+    engine: type  # SequenceEngine subclass, built as engine(loaded, config.engine)
+    run_batch: Callable  # unbound engine method: run_batch(engine, items) -> outcomes
+    servicer: type[ModelServicer]
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # this service's own flag defaults
+
+    @property
+    def full_name(self) -> str:
+        return self.pb2.DESCRIPTOR.services_by_name[self.service].full_name
+
+
+def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
+    run(serve(spec, parse_service_args(spec.prog, argv, spec.defaults)))
+
+
+async def serve(spec: ServiceSpec, config: ModelServiceConfig) -> None:
+    """Bind (health NOT_SERVING), build the servicer (loads the model), report SERVING, run
+    until SIGINT/SIGTERM, stop gracefully. Metrics on `config.metrics_port` when set."""
+    metrics = ServiceMetrics(spec.full_name.rsplit(".", 1)[-1])
+    if config.metrics_port is not None:
+        port = start_metrics_server(config.metrics_port, metrics)
+        print(f"metrics on :{port}/metrics", flush=True)
+    proxy = ServicerProxy()
+    server = await build_server([(spec.add_to_server, proxy)], [spec.full_name],
+                                port=config.port, host=config.host,
+                                interceptors=[MetricsInterceptor(metrics)],
+                                max_message_bytes=int(config.max_message_mb * (1 << 20)))
+    await server.start()
+    print(f"{spec.full_name} listening on {config.host}:{server.port}", flush=True)
+    proxy.target = await build_servicer(spec, config, metrics)
+    await server.set_serving(True)
+    await serve_until_signal(server, ready_line=f"SERVING {config.host}:{server.port}")
+    await proxy.target.close()
+
+
+async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
+                         metrics: ServiceMetrics | None = None) -> ModelServicer:
+    """Load the model and build the engine on the batcher's one thread, where every forward
+    runs: all torch work of the process on one thread (a second thread's OpenMP team put
+    libgomp in throttled-spin mode, ~1.5x slower). Then wrap it in the servicer."""
+    from kernels import load_for_service  # torch loads here, after tune_openmp()
+
+    engine = None
+    worker = make_batcher(lambda items: spec.run_batch(engine, items), config, metrics)
+    loaded = await worker.call(load_for_service, config.model, config.dtype, config.device,
+                               config.threads, config.batch_invariant)
+    engine = await worker.call(spec.engine, loaded, config.engine)
+    prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
+                               lambda *args: worker.call(engine.export_prefix, *args), metrics)
+    return spec.servicer(engine, worker, prefix, metrics)
+
+
+def make_batcher(run_batch: Callable[[list], list], config: ModelServiceConfig,
+                 metrics: ServiceMetrics | None) -> DynamicBatcher:
+    """The engine's batcher: items cost their tokens; a lone caller runs at once, callers that
+    arrive together wait up to max_wait_ms for each other."""
+    return DynamicBatcher(run_batch, cost=lambda item: item.cost,
+                          max_batch_tokens=config.max_batch_tokens,
+                          max_wait_ms=config.max_wait_ms,
+                          on_batch=metrics.observe_batch if metrics else None,
+                          wait_only_when_busy=True)
+
+
+class ServicerProxy:
+    """Registered with the server before the model is loaded; forwards to the real servicer.
+
+    Until the target exists every method answers UNAVAILABLE (health says NOT_SERVING)."""
+
+    def __init__(self):
+        self.target = None
+
+    def __getattr__(self, name):
+        async def call(request, context):
+            if self.target is None:
+                import grpc
+
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+            return await getattr(self.target, name)(request, context)
+
+        return call

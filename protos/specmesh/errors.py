@@ -1,0 +1,61 @@
+"""One exception hierarchy for every layer, with no gRPC in it.
+
+Each class names its status as a string (`code = "NOT_FOUND"`); only `specmesh.wire.errors`
+turns that name into a grpc.StatusCode, in the server's one error interceptor and in batched
+replies. Engines and the model-service layer raise these; anything else that escapes a handler
+is a bug and reaches the caller as INTERNAL (logged), never as the caller's fault.
+"""
+
+from __future__ import annotations
+
+
+class SpecMeshError(Exception):
+    """Base class. `code` is the name of the status the error maps to."""
+
+    code: str = "INTERNAL"
+
+
+class InvalidRequest(SpecMeshError):
+    """A request field is malformed; the message names the field."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class UnknownSequence(SpecMeshError):
+    """The service holds no state for this sequence id (never seen, released or evicted)."""
+
+    code = "NOT_FOUND"
+
+    @classmethod
+    def for_id(cls, seq_id: str, field: str = "header.sequence_id") -> "UnknownSequence":
+        return cls(f"{field}: unknown sequence {seq_id!r} (never seen, released or evicted); "
+                   "resend with num_cached_tokens=0")
+
+
+class CapacityExhausted(SpecMeshError):
+    """No room right now (KV blocks, queue); retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class NotReady(SpecMeshError):
+    """The service is starting or draining."""
+
+    code = "UNAVAILABLE"
+
+
+class RemoteError(SpecMeshError):
+    """A failed call whose status has no class of its own (client side); `code` is its name."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+
+
+BY_CODE: dict[str, type[SpecMeshError]] = {
+    cls.code: cls for cls in (InvalidRequest, UnknownSequence, CapacityExhausted, NotReady)}
