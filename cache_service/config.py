@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from specmesh.wire.config_args import add_dataclass_args, from_args
 
 
 @dataclass(frozen=True)
@@ -50,17 +52,13 @@ class CacheServiceConfig:
 
 
 def build_parser(prog: str = "specmesh serve cache") -> argparse.ArgumentParser:
-    """One flag per config field (--redis-url, --chunk-ttl-s, ...), defaults from the dataclass."""
+    """One flag per config field (--redis-url, --chunk-ttl-s, ...): type, default and help
+    from the dataclass."""
     parser = argparse.ArgumentParser(prog=prog, description="Redis-backed prefix-KV and result "
                                      "cache service (gRPC specmesh.v1.CacheService).")
-    defaults = CacheServiceConfig()
-    for f in fields(CacheServiceConfig):
-        default = getattr(defaults, f.name)
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), int)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            help=f"(default: {default})")
+    add_dataclass_args(parser, CacheServiceConfig)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> CacheServiceConfig:
-    return CacheServiceConfig(**vars(build_parser().parse_args(argv)))
+    return from_args(CacheServiceConfig, build_parser().parse_args(argv))

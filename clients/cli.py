@@ -11,7 +11,7 @@ import sys
 from clients.async_client import AsyncSpecMeshClient
 from clients.local_stack import LocalStack, ServiceProcess
 from clients.models import resolve_pair
-from clients.types import GenerationParams
+from clients.types import DEFAULT_TREE, GenerationParams
 from specmesh.wire.errors import SpecMeshError
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -20,7 +20,7 @@ SERVICE_MODULES = {"draft": "draft_service", "verify": "verify_service",
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=GenerationParams.max_new_tokens)
     p.add_argument("--k", type=int, default=None, help="chain length (same as --tree chain:K)")
     p.add_argument("--tree", default=None, help="chain:K | static:B1,B2,.. | dynamic:N | none")
     p.add_argument("--no-spec", action="store_true", help="target-only decoding (no draft)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--draft", default=None)
     up.add_argument("--target", default=None)
     up.add_argument("--port", type=int, default=50051, help="gateway port (0 = free port)")
-    up.add_argument("--tree", default="chain:4", help="the gateway's default tree spec")
+    up.add_argument("--tree", default=str(DEFAULT_TREE), help="the gateway's default tree spec")
     _add_stack_args(up)
     sub.add_parser("bench", help="benchmark (python -m loadtest.bench; see --help there)",
                    add_help=False)

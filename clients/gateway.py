@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from clients.async_client import AsyncSpecMeshClient
-from clients.types import MAX_NEW_TOKENS_LIMIT, GenerationParams
+from clients.types import DEFAULT_TREE, MAX_NEW_TOKENS_LIMIT, GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="model folder with tokenizer.json")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--tree", default="chain:4", help="default tree spec")
+    parser.add_argument("--tree", default=str(DEFAULT_TREE), help="default tree spec")
     parser.add_argument("--adaptive", action="store_true", help="adaptive speculation default")
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--max-message-mb", type=float,

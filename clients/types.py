@@ -9,6 +9,7 @@ from specmesh.wire.tree_spec import TreeSpec
 
 
 MAX_NEW_TOKENS_LIMIT = 4096  # one limit for the CLI, the client and the gateway
+DEFAULT_TREE = TreeSpec("chain", chain_length=4)  # the default everywhere (CLI, gateway, client)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    tree: TreeSpec = TreeSpec("chain", chain_length=4)
+    tree: TreeSpec = DEFAULT_TREE
     speculate: bool = True
     adaptive: bool = False  # pick the tree size each round from measured acceptance and costs
 
