@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent, SequenceContext
+from clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent
 from clients.result_cache import ResultCache
 from clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
 from clients.step import Stubs
@@ -85,11 +85,9 @@ class AsyncSpecMeshClient:
             if self.draft_info.vocab_size != self.target_info.vocab_size:
                 raise InvalidRequest("draft", f"draft vocab {self.draft_info.vocab_size} != "
                                      f"target vocab {self.target_info.vocab_size}")
-        contexts: dict[str, SequenceContext] = {}
-        policy = PerRequestPolicy(contexts)
+        policy = PerRequestPolicy()
         stubs = Stubs(draft, verify, retry_deadline_s=self.retry_deadline_s)
-        self._loop = BatchLoop(stubs, Scheduler(self._scheduler_config, policy),
-                               contexts, policy)
+        self._loop = BatchLoop(stubs, Scheduler(self._scheduler_config, policy), policy)
         self._task = asyncio.get_running_loop().create_task(self._loop.run())
 
     async def close(self) -> None:
@@ -133,7 +131,7 @@ class AsyncSpecMeshClient:
             async for ev in gen.replay(*cached):
                 yield ev
             return
-        async for ev in gen.run():
+        async for ev in gen.run(self._loop):
             yield ev
         if self.results is not None and gen.result is not None:
             await self.results.store(p, prompt_ids, self._fp(self.draft_info),
@@ -210,42 +208,31 @@ class _Generation:
         self.stats.time_to_first_token_s = time.perf_counter() - self.start
         yield self._event(list(token_ids), finish or "length")
 
-    async def run(self) -> AsyncIterator[StreamEvent]:
-        loop = self.client._loop
-        queue: asyncio.Queue[RoundEvent | BaseException] = asyncio.Queue()
-        loop.contexts[self.seq_id] = SequenceContext(
-            self.spec, self.params.sampling_proto(), self.params.adaptive, queue.put_nowait)
+    async def run(self, loop: BatchLoop) -> AsyncIterator[StreamEvent]:
         eos = self.client.target_info.eos_token_id
         # the context window ends a generation like max_new_tokens does (finish "length")
         room = self.client.max_context - len(self.prompt_ids)
-        loop.scheduler.add(SequenceRequest(
+        request = SequenceRequest(
             self.seq_id, tuple(self.prompt_ids), min(self.params.max_new_tokens, room),
             eos_token_id=eos if eos >= 0 else None, ignore_eos=self.params.ignore_eos,
-            max_spec_tokens=self.spec.max_nodes))
-        loop.wake.set()
-        finished = False
+            max_spec_tokens=self.spec.max_nodes, tree=self.spec,
+            sampling=self.params.sampling_proto())
+        events = loop.submit(request, adaptive=self.params.adaptive)
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
+            async for item in events:
                 finish, matched = item.finish_reason, ""
                 cut = first_stop(self.client.text, self.generated, item.tokens,
                                  self.params.stop)
                 if cut is not None:  # keep exactly what one token per round would keep
                     item = replace(item, tokens=item.tokens[:cut[0]])
                     finish, matched = "stop", cut[1]
-                    if self.seq_id in loop.scheduler:
-                        loop.scheduler.finish(self.seq_id, "stop")
+                    loop.cancel(self.seq_id, "stop")
                 self._account(item)
-                finished = finish is not None
                 yield self._event(list(item.tokens), finish, matched)
+                if finish is not None:
+                    return
         finally:
-            loop.contexts.pop(self.seq_id, None)
-            if not finished and self.seq_id in loop.scheduler:
-                loop.scheduler.finish(self.seq_id, "cancelled")
-                loop.wake.set()
+            await events.aclose()
 
     def _account(self, ev: RoundEvent) -> None:
         s = self.stats
@@ -267,11 +254,4 @@ def _params(params: GenerationParams | None, max_new_tokens: int | None,
         kwargs["stop"] = tuple(kwargs["stop"] or ())
     if max_new_tokens is not None:  # else params' own (GenerationParams' default: 128)
         kwargs["max_new_tokens"] = max_new_tokens
-    p = replace(p, **kwargs)
-    try:
-        p.validate()
-        p.tree.validate("tree")
-    except ValueError as exc:
-        field, _, problem = str(exc).partition(": ")
-        raise InvalidRequest(field, problem) from exc
-    return p
+    return replace(p, **kwargs) if kwargs else p  # a new GenerationParams validates itself

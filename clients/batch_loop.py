@@ -1,8 +1,12 @@
 """The client's engine loop: schedule -> propose -> verify -> commit, once per round.
 
 Every running sequence takes part in every round (continuous batching: the scheduler admits and
-retires sequences between rounds). Within a round all Propose calls go out together, then all
-Verify calls, so each service's batcher sees them at once and runs one forward for the batch.
+retires sequences between rounds). A round is built from its `StepPlan` alone: one ProposeBatch
+and one VerifyBatch carry every planned sequence (and the ids whose state the services may free),
+and the outcomes go back through one `update_from_output(plan, proposals, replies)`.
+
+The loop owns the request state: callers `submit()` a request and read its round events from the
+iterator it returns, and `cancel()` ends one early; nothing else touches the scheduler.
 """
 
 from __future__ import annotations
@@ -10,24 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from clients.adaptive import AdaptiveSpeculation
-from clients.scheduler import Scheduler, StepPlan
-from clients.step import ProposeCall, Stubs, VerifyCall, propose_batch, verify_batch
-from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
+from clients.scheduler import Scheduler, SequenceDelta, SequenceRequest, StepPlan
+from clients.step import Stubs, propose_batch, verify_batch, verify_request
+from specmesh.v1 import draft_pb2, verify_pb2
 from specmesh.wire.errors import NotReady, error_from_rpc
-from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
 class RoundEvent:
-    """What one round gave one sequence (delivered to its request's sink)."""
+    """What one round gave one sequence (delivered to its request's iterator)."""
 
     tokens: tuple[int, ...]  # committed this round (already cut at EOS / max_new_tokens)
     finish_reason: str | None
@@ -35,50 +39,79 @@ class RoundEvent:
     num_accepted: int
 
 
-@dataclass
-class SequenceContext:
-    """Per-request facts the loop needs beyond the scheduler's state."""
-
-    tree: TreeSpec
-    sampling: common_pb2.SamplingParams
-    adaptive: bool
-    sink: Callable[[RoundEvent | BaseException], None]
-
-
 class PerRequestPolicy:
-    """Adaptive budgets for sequences that asked for them; the rest keep their tree."""
+    """Adaptive budgets for the sequences that asked for them; the rest keep their tree."""
 
-    def __init__(self, contexts: dict[str, SequenceContext]):
+    def __init__(self):
         self.adaptive = AdaptiveSpeculation()
-        self._contexts = contexts
+        self.adaptive_ids: set[str] = set()
 
     def choose(self, seq_id: str, batch_tokens: int, batch_size: int) -> int:
-        ctx = self._contexts.get(seq_id)
-        if ctx is None or not ctx.adaptive:
+        if seq_id not in self.adaptive_ids:
             return 1 << 30
         return self.adaptive.choose(seq_id, batch_tokens, batch_size)
 
     def forget(self, seq_id: str) -> None:
+        self.adaptive_ids.discard(seq_id)
         self.adaptive.forget(seq_id)
 
 
 class BatchLoop:
-    def __init__(self, stubs: Stubs, scheduler: Scheduler, contexts: dict[str, SequenceContext],
-                 policy: PerRequestPolicy):
+    def __init__(self, stubs: Stubs, scheduler: Scheduler, policy: PerRequestPolicy):
         self.stubs = stubs
         self.scheduler = scheduler
-        self.contexts = contexts
         self.policy = policy
-        self.wake = asyncio.Event()
+        self._sinks: dict[str, Callable[[RoundEvent | BaseException], None]] = {}
+        self._wake = asyncio.Event()
         self.backoff_s = 0.0
         self.outage_since: dict[str, float] = {}  # seq_id -> first unanswered Verify
 
+    # -- requests in and out ---------------------------------------------------------------
+    async def submit(self, request: SequenceRequest, adaptive: bool = False
+                     ) -> AsyncIterator[RoundEvent]:
+        """Queue a request; yield its round events until one finishes it (a failure raises).
+        Leaving the iterator early cancels the request."""
+        queue: asyncio.Queue[RoundEvent | BaseException] = asyncio.Queue()
+        seq_id = request.request_id
+        self.scheduler.add(request)
+        self._sinks[seq_id] = queue.put_nowait
+        if adaptive:
+            self.policy.adaptive_ids.add(seq_id)
+        self._wake.set()
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._sinks.pop(seq_id, None)
+            self.cancel(seq_id)
+
+    def cancel(self, seq_id: str, reason: str = "cancelled") -> None:
+        """End a request now (a stop string seen, its caller gone); a no-op once it ended."""
+        if seq_id in self.scheduler:
+            self.scheduler.finish(seq_id, reason)
+            self._wake.set()
+
+    def _deliver(self, seq_id: str, event: RoundEvent | BaseException) -> None:
+        sink = self._sinks.get(seq_id)
+        if sink is not None:
+            sink(event)
+
+    def _fail(self, seq_id: str, exc: BaseException) -> None:
+        self.scheduler.finish(seq_id, "error")
+        self._deliver(seq_id, exc)
+
+    # -- the rounds ------------------------------------------------------------------------
     async def run(self) -> None:
         """Forever: wait for work, run one round."""
         while True:
             if not self.scheduler.has_work:
-                self.wake.clear()
-                await self.wake.wait()
+                self._wake.clear()
+                await self._wake.wait()
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 await self._release(plan.finished_sequence_ids)
@@ -89,97 +122,79 @@ class BatchLoop:
                 await self.run_round(plan)
             except Exception as exc:  # noqa: BLE001 - a bug must fail its round, not the loop
                 log.exception("round failed")
-                self._fail_round(plan, exc)
+                for seq_id in plan.sequence_ids:
+                    if seq_id in self.scheduler:
+                        self._fail(seq_id, exc)
             if self.backoff_s:
                 await asyncio.sleep(self.backoff_s)
 
     async def run_round(self, plan: StepPlan) -> None:
-        """One ProposeBatch and one VerifyBatch for every sequence of the plan; finished ids
-        ride on both (or on a draft Release when no sequence speculates this round)."""
-        deltas = plan.deltas()
-        budgets = dict(plan.spec_lengths)
-        finished = list(plan.finished_sequence_ids)
-        specs = {d.seq_id: self.contexts[d.seq_id].tree.scaled(budgets[d.seq_id])
-                 for d in deltas}
-        drafting = [d.seq_id for d in deltas if specs[d.seq_id].enabled]
-        if finished and (not drafting or self.stubs.draft is None):
-            asyncio.get_running_loop().create_task(self._release(finished, verify_too=False))
+        """One ProposeBatch and one VerifyBatch for every sequence of the plan; the finished ids
+        ride on both."""
+        steps = plan.deltas()
+        finished = plan.finished_sequence_ids
+        drafting = [d for d in steps if d.spec.enabled]
         t0 = time.perf_counter()
-        proposed = await propose_batch(self.stubs, [self._propose_call(s, specs[s])
-                                                    for s in drafting], finished)
+        proposed = await propose_batch(self.stubs, drafting, finished)
         t1 = time.perf_counter()
-        by_seq = dict(zip(drafting, proposed))
-        proposals = [by_seq.get(d.seq_id) for d in deltas]
-        depth = max((self._depth(p) for p in proposals), default=0)
+        by_seq = {d.seq_id: self._usable(d.seq_id, p) for d, p in zip(drafting, proposed)}
+        proposals = [by_seq.get(d.seq_id) for d in steps]
+        depth = max((_depth(p) for p in proposals), default=0)
         if depth:
             self.policy.adaptive.observe_draft(depth, t1 - t0)
         # a sequence may have ended meanwhile (stop string seen, stream closed): skip it
-        failed = {i: p for i, p in enumerate(proposals) if isinstance(p, BaseException)}
-        todo = [i for i, d in enumerate(deltas) if i not in failed and d.seq_id in self.scheduler]
-        calls = [self._verify_call(deltas[i].seq_id, proposals[i]) for i in todo]
-        replies = dict(zip(todo, await verify_batch(self.stubs, calls, finished)
-                           if calls else []))
+        todo = [i for i, (d, p) in enumerate(zip(steps, proposals))
+                if not _is_error(p) and d.seq_id in self.scheduler]
+        replies = await verify_batch(self.stubs, [verify_request(steps[i], proposals[i])
+                                                  for i in todo], finished)
         self.policy.adaptive.observe_verify(plan.num_batch_tokens, time.perf_counter() - t1)
+        outcomes: list = [p if _is_error(p) else None for p in proposals]
+        for i, reply in zip(todo, replies):
+            outcomes[i] = reply
+        self.update_from_output(steps, proposals, outcomes)
+
+    def _usable(self, seq_id: str, proposal):
+        """A draft that lost the sequence (NOT_FOUND) gets its full context next round; this
+        round verifies without a tree (same output)."""
+        if isinstance(proposal, grpc.aio.AioRpcError) \
+                and proposal.code() == grpc.StatusCode.NOT_FOUND:
+            self.scheduler.reset_remote(seq_id, "draft")
+            return None
+        return proposal
+
+    def update_from_output(self, steps: Sequence[SequenceDelta], proposals: list,
+                           outcomes: list) -> None:
+        """Apply every planned sequence's outcome (a VerifyResponse, an error, or None when it
+        was skipped), then set the backoff for the next round."""
         exhausted = False
-        for i, (d, p) in enumerate(zip(deltas, proposals)):
-            outcome = failed.get(i, replies.get(i))
-            if outcome is not None:
-                exhausted |= self._commit(d.seq_id, p, outcome)
-        self.backoff_s = min(max(self.backoff_s * 2, 0.01), 1.0) if exhausted else 0.0
+        for d, proposal, outcome in zip(steps, proposals, outcomes):
+            if outcome is None or d.seq_id not in self.scheduler:
+                self.outage_since.pop(d.seq_id, None)  # ended meanwhile (stop, cancelled)
+            elif isinstance(outcome, BaseException):
+                exhausted |= self._failed(d.seq_id, outcome)
+            else:
+                self._commit(d.seq_id, proposal, outcome)
+        self.backoff_s = min(max(self.backoff_s * 2, 0.01), MAX_BACKOFF_S) if exhausted else 0.0
 
-    def _fail_round(self, plan: StepPlan, exc: Exception) -> None:
-        for seq_id in plan.sequence_ids:
-            if seq_id in self.scheduler:
-                self.scheduler.finish(seq_id, "error")
-                self.contexts[seq_id].sink(exc)
-
-    def _propose_call(self, seq_id: str, spec: TreeSpec) -> ProposeCall:
-        seq = self.scheduler.get(seq_id)
-        return ProposeCall(seq_id, seq.token_ids, seq.draft_cached, spec,
-                           self.contexts[seq_id].sampling)
-
-    def _verify_call(self, seq_id: str, proposal) -> VerifyCall:
-        seq = self.scheduler.get(seq_id)
-        return VerifyCall(seq_id, seq.token_ids, seq.target_cached, proposal,
-                          self.contexts[seq_id].sampling)
-
-    @staticmethod
-    def _depth(proposal) -> int:
-        if not isinstance(proposal, draft_pb2.ProposeResponse) or not proposal.tree.parents:
-            return 0
-        depths: list[int] = []
-        for p in proposal.tree.parents:
-            depths.append(0 if p < 0 else depths[p] + 1)
-        return max(depths) + 1
-
-    def _commit(self, seq_id: str, proposal, reply) -> bool:
-        """Apply one sequence's outcome; True when the round should back off (the verifier was
-        out of room or did not answer)."""
-        if seq_id not in self.scheduler:  # finished meanwhile (stop string, cancelled)
-            self.outage_since.pop(seq_id, None)
+    def _failed(self, seq_id: str, err: BaseException) -> bool:
+        """One sequence's error; True when the round should back off (the verifier was out of
+        room or did not answer)."""
+        if not isinstance(err, grpc.aio.AioRpcError):
+            self._fail(seq_id, err)
             return False
-        ctx = self.contexts[seq_id]
-        if isinstance(reply, grpc.aio.AioRpcError):
-            code = reply.code()
-            if code == grpc.StatusCode.NOT_FOUND:
-                self.scheduler.reset_remote(seq_id, "target")  # evicted: resend full context
-                return False
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return self._outage(seq_id, reply)
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # preempt by recompute (as vLLM does): free its KV so the others can finish,
-                # and resend the full context when it is admitted again
-                self.scheduler.requeue(seq_id)
-                self.scheduler.reset_remote(seq_id, "both")
-                asyncio.get_running_loop().create_task(self._release([seq_id]))
-                return True
-            self.scheduler.finish(seq_id, "error")
-            ctx.sink(error_from_rpc(reply))
+        code = err.code()
+        if code == grpc.StatusCode.NOT_FOUND:  # evicted: resend the full context there
+            self.scheduler.reset_remote(seq_id, "target")
             return False
-        if isinstance(reply, BaseException):
-            self.scheduler.finish(seq_id, "error")
-            ctx.sink(reply)
-            return False
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return self._outage(seq_id, err)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.scheduler.preempt(seq_id)  # its KV is freed with the next plan
+            return True
+        self._fail(seq_id, error_from_rpc(err))
+        return False
+
+    def _commit(self, seq_id: str, proposal, reply: verify_pb2.VerifyResponse) -> None:
         if self.outage_since.pop(seq_id, None) is not None and not self.outage_since:
             log.warning("verify service answering again")
         drafted = len(proposal.tree.tokens) if isinstance(proposal, draft_pb2.ProposeResponse) \
@@ -189,12 +204,11 @@ class BatchLoop:
             num_accepted_tokens=reply.num_accepted_draft_tokens,
             draft_cached=proposal.num_cached_tokens if drafted else None,
             target_cached=reply.num_cached_tokens)
-        if drafted and ctx.adaptive:
-            self.policy.adaptive.observe_round(seq_id, self._depth(proposal),
+        if drafted and seq_id in self.policy.adaptive_ids:
+            self.policy.adaptive.observe_round(seq_id, _depth(proposal),
                                                reply.num_accepted_draft_tokens)
-        ctx.sink(RoundEvent(result.appended, result.finish_reason, drafted,
-                            reply.num_accepted_draft_tokens))
-        return False
+        self._deliver(seq_id, RoundEvent(result.appended, result.finish_reason, drafted,
+                                         reply.num_accepted_draft_tokens))
 
     def _outage(self, seq_id: str, err: grpc.aio.AioRpcError) -> bool:
         """The verify service did not answer: keep the sequence (the round is retried after a
@@ -208,22 +222,33 @@ class BatchLoop:
         if now - since < self.stubs.retry_deadline_s:
             return True
         self.outage_since.pop(seq_id, None)
-        self.scheduler.finish(seq_id, "error")
-        self.contexts[seq_id].sink(NotReady(
+        self._fail(seq_id, NotReady(
             f"verify service {err.code().name} for {now - since:.1f} s (retried with backoff): "
             f"{err.details()}"))
         return False
 
-    async def _release(self, seq_ids, verify_too: bool = True) -> None:
+    async def _release(self, seq_ids: Sequence[str]) -> None:
+        """Free state when no sequence runs (otherwise the ids ride on the round's RPCs)."""
         if not seq_ids:
             return
-        calls = []
-        if verify_too:
-            calls.append(self.stubs.verify.Release(
-                verify_pb2.VerifyReleaseRequest(sequence_ids=list(seq_ids)), timeout=5))
+        calls = [self.stubs.verify.Release(
+            verify_pb2.VerifyReleaseRequest(sequence_ids=list(seq_ids)), timeout=5)]
         if self.stubs.draft is not None:
             calls.append(self.stubs.draft.Release(
                 draft_pb2.ReleaseRequest(sequence_ids=list(seq_ids)), timeout=5))
         for res in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(res, BaseException):
                 log.debug("release failed: %s", res)
+
+
+def _is_error(proposal) -> bool:
+    return isinstance(proposal, BaseException)
+
+
+def _depth(proposal) -> int:
+    if not isinstance(proposal, draft_pb2.ProposeResponse) or not proposal.tree.parents:
+        return 0
+    depths: list[int] = []
+    for p in proposal.tree.parents:
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return max(depths) + 1

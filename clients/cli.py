@@ -58,8 +58,7 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         tree=tree, speculate=not args.no_spec and tree.enabled, adaptive=args.adaptive)
-    params.validate()  # before any stack starts: the same limits as the client and gateway
-    return params
+    return params  # validated on construction, before any stack starts
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -11,12 +11,12 @@ import asyncio
 import logging
 
 from clients.async_client import AsyncSpecMeshClient
-from clients.types import DEFAULT_TREE, MAX_NEW_TOKENS_LIMIT, GenerationParams
+from clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import build_server, serve_until_signal
-from specmesh.wire.tree_spec import TreeSpec, sampling_from_proto
+from specmesh.wire.tree_spec import TreeSpec
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
 FINISH = {"length": generate_pb2.FINISH_REASON_LENGTH, "eos": generate_pb2.FINISH_REASON_EOS,
@@ -26,20 +26,31 @@ GATEWAY_MAX_MESSAGE_BYTES = 4 << 20  # a request is a prompt (capped per context
 
 
 def to_params(req: generate_pb2.GenerateRequest, defaults: GenerationParams) -> GenerationParams:
-    """Request -> GenerationParams; InvalidRequest names the field."""
+    """Request -> GenerationParams, checked once (by GenerationParams itself); InvalidRequest
+    names the request's field (`sampling.top_p`, `tree_spec.chain_length`)."""
     max_new_tokens = (req.max_new_tokens if req.HasField("max_new_tokens")
                       else defaults.max_new_tokens)
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise InvalidRequest("max_new_tokens", f"{max_new_tokens} not in [1, "
-                             f"{MAX_NEW_TOKENS_LIMIT}] (unset = server default)")
-    temperature, top_p, top_k, seed = sampling_from_proto(req.sampling)
     tree = TreeSpec.from_proto(req.tree_spec) if req.HasField("tree_spec") else defaults.tree
     speculate = req.speculate if req.HasField("speculate") else defaults.speculate
-    return GenerationParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(req.stop),
-        ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
-        adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive)
+    s = req.sampling
+    try:
+        return GenerationParams(
+            max_new_tokens=max_new_tokens, temperature=s.temperature,
+            top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None, stop=tuple(req.stop),
+            ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
+            adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive)
+    except InvalidRequest as exc:
+        raise InvalidRequest(_request_field(exc.field), exc.problem) from exc
+
+
+def _request_field(field: str) -> str:
+    """GenerationParams' field name as the GenerateRequest path."""
+    if field in SAMPLING_FIELDS:
+        return f"sampling.{field}"
+    if field.startswith("tree"):
+        return "tree_spec" + field[len("tree"):]
+    return field
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):

@@ -3,10 +3,12 @@
 The client loop is
     plan = scheduler.schedule()               # who runs this round, with what
     ... Propose / Verify for every sequence of the plan, in one batch ...
-    scheduler.commit(seq_id, tokens, ...)     # or requeue / reset_remote / finish
+    scheduler.commit(seq_id, tokens, ...)     # or preempt / reset_remote / finish
 and `StepPlan` is the only contract between the scheduler and the code that calls the services:
-new sequences carry their full token ids once, running ones carry deltas against what each
-service already holds, and `finished_sequence_ids` lets the services free state in the same call.
+each planned sequence carries both services' headers (new sequences their full token ids once,
+running ones deltas against what each service already holds), this round's tree (scaled to its
+draft budget) and its sampling; `finished_sequence_ids` lets the services free state in the same
+call (sequences that ended, and preempted ones whose KV must go).
 
 Budget: a sequence's step tokens are the tokens the target must take in this round besides the
 draft (its uncached suffix). Running sequences always run; waiting ones are admitted in FIFO order
@@ -25,6 +27,9 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+from specmesh.v1 import common_pb2
+from specmesh.wire.tree_spec import TreeSpec
 
 Side = Literal["draft", "target", "both"]
 
@@ -45,6 +50,8 @@ class SequenceRequest:
     eos_token_id: int | None = None  # None or ignore_eos: only max_new_tokens ends it here
     ignore_eos: bool = False
     max_spec_tokens: int = 8  # most draft tokens per round; 0 = never speculate
+    tree: TreeSpec = TreeSpec()  # the shape each round's tree is scaled from (none = no draft)
+    sampling: common_pb2.SamplingParams | None = None  # as the services take it; None = greedy
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -95,17 +102,22 @@ class NewSequence:
 
     seq_id: str
     token_ids: tuple[int, ...]
+    spec: TreeSpec = field(default=TreeSpec(), compare=False)  # this round's tree
+    sampling: common_pb2.SamplingParams | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class SequenceDelta:
-    """What each service must be told about a running sequence (its SequenceHeader)."""
+    """Everything a round needs for one sequence: each service's SequenceHeader, this round's
+    tree (the request's, scaled to the draft budget) and the sampling parameters."""
 
     seq_id: str
     draft_num_cached: int
     draft_new_tokens: tuple[int, ...]
     target_num_cached: int
     target_new_tokens: tuple[int, ...]
+    spec: TreeSpec = field(default=TreeSpec(), compare=False)
+    sampling: common_pb2.SamplingParams | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,8 @@ class StepPlan:
 
     def deltas(self) -> tuple[SequenceDelta, ...]:
         """Every planned sequence as a delta (new ones with num_cached 0), running first."""
-        fresh = tuple(SequenceDelta(n.seq_id, 0, n.token_ids, 0, n.token_ids) for n in self.new)
+        fresh = tuple(SequenceDelta(n.seq_id, 0, n.token_ids, 0, n.token_ids, n.spec, n.sampling)
+                      for n in self.new)
         return self.running + fresh
 
 
@@ -240,9 +253,11 @@ class Scheduler:
             seq.was_scheduled = True
         finished, self._finished = tuple(self._finished), []
         self._rounds_since_exhausted += 1
+        specs = [s.request.tree.scaled(b) for s, b in zip(planned, budgets)]
         return StepPlan(
-            new=tuple(NewSequence(s.seq_id, tuple(s.token_ids)) for s in fresh),
-            running=tuple(_delta(s) for s in running),
+            new=tuple(NewSequence(s.seq_id, tuple(s.token_ids), spec, s.request.sampling)
+                      for s, spec in zip(fresh, specs[len(running):])),
+            running=tuple(_delta(s, spec) for s, spec in zip(running, specs)),
             finished_sequence_ids=finished,
             spec_lengths=tuple((s.seq_id, b) for s, b in zip(planned, budgets)),
             num_batch_tokens=step_tokens + sum(budgets),
@@ -330,6 +345,14 @@ class Scheduler:
         self._soft_cap = cap if self._soft_cap is None else min(self._soft_cap, cap)
         self._rounds_since_exhausted = 0
 
+    def preempt(self, seq_id: str) -> None:
+        """Preempt by recompute (as vLLM does) after RESOURCE_EXHAUSTED: requeue it, free its
+        KV on both services (its id goes out with the next plan's finished ids) and resend the
+        full context when it is admitted again."""
+        self.requeue(seq_id)
+        self.reset_remote(seq_id, "both")
+        self._finished.append(seq_id)
+
     def _relax_cap(self) -> None:
         """Grow the RESOURCE_EXHAUSTED cap by one every `relax_after_steps` quiet rounds."""
         if self._soft_cap is None:
@@ -341,9 +364,10 @@ class Scheduler:
                 self._soft_cap = None
 
 
-def _delta(seq: ScheduledSequence) -> SequenceDelta:
+def _delta(seq: ScheduledSequence, spec: TreeSpec) -> SequenceDelta:
     return SequenceDelta(seq.seq_id, seq.draft_cached, tuple(seq.token_ids[seq.draft_cached:]),
-                         seq.target_cached, tuple(seq.token_ids[seq.target_cached:]))
+                         seq.target_cached, tuple(seq.token_ids[seq.target_cached:]), spec,
+                         seq.request.sampling)
 
 
 def _cut(seq: ScheduledSequence, tokens: list[int]) -> list[int]:

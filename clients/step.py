@@ -1,7 +1,8 @@
 """The two RPCs of one speculation round: Propose, then Verify.
 
 `propose_batch` / `verify_batch` carry every sequence of a round in one call each (the services
-run them in one batched forward) and hand back one outcome per sequence.
+run them in one batched forward) and hand back one outcome per sequence. Requests are built
+from the plan's deltas alone (`propose_request`, `verify_request`).
 
 The verify service's reply is authoritative; a draft that is down or slow only costs speed (the
 round runs with an empty tree, i.e. a plain target decode step, same output).
@@ -12,13 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import grpc
 
+from clients.scheduler import SequenceDelta
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.batch_rpc import item_rpc_error
-from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)
 WARN_EVERY_S = 10.0  # a draft outage logs once per this many seconds, not once per round
@@ -44,91 +43,72 @@ class Stubs:
         self.retry_deadline_s = retry_deadline_s  # a sequence's verify outage before it fails
 
 
-def header(seq_id: str, tokens: Sequence[int], num_cached: int) -> common_pb2.SequenceHeader:
-    return common_pb2.SequenceHeader(sequence_id=seq_id, num_cached_tokens=num_cached,
-                                     new_tokens=list(tokens[num_cached:]))
+def propose_request(d: SequenceDelta) -> draft_pb2.ProposeRequest:
+    """The draft's part of one planned sequence, exactly as the plan describes it."""
+    return draft_pb2.ProposeRequest(
+        header=common_pb2.SequenceHeader(sequence_id=d.seq_id,
+                                         num_cached_tokens=d.draft_num_cached,
+                                         new_tokens=d.draft_new_tokens),
+        tree_spec=d.spec.to_proto(), sampling=d.sampling)
 
 
-@dataclass(frozen=True)
-class ProposeCall:
-    """One sequence's part of a ProposeBatch."""
+def verify_request(d: SequenceDelta, proposal: draft_pb2.ProposeResponse | None
+                   ) -> verify_pb2.VerifyRequest:
+    """The verifier's part of one planned sequence, with the draft's tree when there is one."""
+    req = verify_pb2.VerifyRequest(
+        header=common_pb2.SequenceHeader(sequence_id=d.seq_id,
+                                         num_cached_tokens=d.target_num_cached,
+                                         new_tokens=d.target_new_tokens),
+        sampling=d.sampling)
+    if proposal is not None and proposal.tree.tokens:
+        req.tree.CopyFrom(proposal.tree)
+        req.draft_dists.extend(proposal.draft_dists)
+    return req
 
-    seq_id: str
-    tokens: Sequence[int]
-    draft_cached: int
-    spec: TreeSpec
-    sampling: common_pb2.SamplingParams
 
-    def request(self, cached: int) -> draft_pb2.ProposeRequest:
-        return draft_pb2.ProposeRequest(header=header(self.seq_id, self.tokens, cached),
-                                        tree_spec=self.spec.to_proto(), sampling=self.sampling)
-
-
-async def propose_batch(stubs: Stubs, calls: Sequence[ProposeCall], finished: Sequence[str] = ()
+async def propose_batch(stubs: Stubs, steps: Sequence[SequenceDelta],
+                        finished: Sequence[str] = ()
                         ) -> list[draft_pb2.ProposeResponse | BaseException | None]:
-    """Trees for every call in one ProposeBatch: a ProposeResponse, None when the draft cannot
-    help (down, slow, full: the round verifies without a tree, same output) or the
-    INVALID_ARGUMENT error (the caller's fault, it fails that sequence). Calls answered
-    NOT_FOUND (evicted by the draft) are retried once with their full context."""
-    if stubs.draft is None:
-        return [None] * len(calls)
-    out: list = [None] * len(calls)
-    todo, cached = list(range(len(calls))), [c.draft_cached for c in calls]
-    while todo:
-        req = draft_pb2.ProposeBatchRequest(requests=[calls[i].request(cached[i]) for i in todo],
-                                            finished_sequence_ids=list(finished))
-        try:
-            reply = await stubs.draft.ProposeBatch(req, timeout=stubs.draft_timeout_s)
-        except grpc.aio.AioRpcError as err:
-            _warn("draft %s: %s; verifying without trees", err.code().name, err.details())
-            return out
-        retry = []
-        for i, res in zip(todo, reply.results):
-            if res.HasField("response"):
-                out[i] = res.response
-                continue
-            err = item_rpc_error(res.error)
-            if err.code() == grpc.StatusCode.NOT_FOUND and cached[i] > 0:
-                cached[i] = 0
-                retry.append(i)
-            elif err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                out[i] = err
-            else:
-                _warn("draft %s for %s: %s; verifying without a tree",
-                      err.code().name, calls[i].seq_id, err.details())
-        todo, finished = retry, ()
+    """Trees for every step in one ProposeBatch (which also frees `finished`): a
+    ProposeResponse, None when the draft cannot help (down, slow, full: the round verifies
+    without a tree, same output), or the item's error: INVALID_ARGUMENT fails that sequence,
+    NOT_FOUND (evicted by the draft) makes the next round resend its full context."""
+    if stubs.draft is None or not (steps or finished):
+        return [None] * len(steps)
+    req = draft_pb2.ProposeBatchRequest(requests=[propose_request(d) for d in steps],
+                                        finished_sequence_ids=list(finished))
+    try:
+        reply = await stubs.draft.ProposeBatch(req, timeout=stubs.draft_timeout_s)
+    except grpc.aio.AioRpcError as err:
+        _warn("draft %s: %s; verifying without trees", err.code().name, err.details())
+        return [None] * len(steps)
+    out: list = []
+    for d, res in zip(steps, reply.results):
+        if res.HasField("response"):
+            out.append(res.response)
+            continue
+        err = item_rpc_error(res.error)
+        if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            out.append(err)
+        else:
+            _warn("draft %s for %s: %s; verifying without a tree",
+                  err.code().name, d.seq_id, err.details())
+            out.append(None)
     return out
 
 
-@dataclass(frozen=True)
-class VerifyCall:
-    """One sequence's part of a VerifyBatch."""
-
-    seq_id: str
-    tokens: Sequence[int]
-    target_cached: int
-    proposal: draft_pb2.ProposeResponse | None
-    sampling: common_pb2.SamplingParams
-
-    def request(self) -> verify_pb2.VerifyRequest:
-        req = verify_pb2.VerifyRequest(header=header(self.seq_id, self.tokens,
-                                                     self.target_cached),
-                                       sampling=self.sampling)
-        if self.proposal is not None and self.proposal.tree.tokens:
-            req.tree.CopyFrom(self.proposal.tree)
-            req.draft_dists.extend(self.proposal.draft_dists)
-        return req
-
-
-async def verify_batch(stubs: Stubs, calls: Sequence[VerifyCall], finished: Sequence[str] = ()
+async def verify_batch(stubs: Stubs, requests: Sequence[verify_pb2.VerifyRequest],
+                       finished: Sequence[str] = ()
                        ) -> list[verify_pb2.VerifyResponse | BaseException]:
-    """Every call in one VerifyBatch: a reply or an AioRpcError per call (a failure of the
-    whole RPC is every call's error)."""
-    req = verify_pb2.VerifyBatchRequest(requests=[c.request() for c in calls],
+    """Every request in one VerifyBatch (which also frees `finished`): a reply or an
+    AioRpcError per request (a failure of the whole RPC is every request's error)."""
+    if not (requests or finished):
+        return []
+    req = verify_pb2.VerifyBatchRequest(requests=list(requests),
                                         finished_sequence_ids=list(finished))
     try:
         reply = await stubs.verify.VerifyBatch(req, timeout=stubs.verify_timeout_s)
     except grpc.aio.AioRpcError as err:
-        return [err] * len(calls)
+        return [err] * len(requests)
     return [res.response if res.HasField("response") else item_rpc_error(res.error)
             for res in reply.results]

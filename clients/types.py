@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from specmesh.errors import InvalidRequest
 from specmesh.v1 import common_pb2
 from specmesh.wire.tree_spec import TreeSpec
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
 
 MAX_NEW_TOKENS_LIMIT = 4096  # one limit for the CLI, the client and the gateway
@@ -25,16 +29,22 @@ class GenerationParams:
     speculate: bool = True
     adaptive: bool = False  # pick the tree size each round from measured acceptance and costs
 
+    def __post_init__(self):
+        self.validate()  # self-validating: an instance is a valid request
+
     def validate(self) -> None:
+        """Raise InvalidRequest naming the field (the edges that build params from a proto
+        prefix it with the proto's own path, e.g. `sampling.top_p`)."""
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens: {self.max_new_tokens} not in [1, "
-                             f"{MAX_NEW_TOKENS_LIMIT}]")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: {self.temperature} must be >= 0")
+            raise InvalidRequest("max_new_tokens", f"{self.max_new_tokens} not in [1, "
+                                 f"{MAX_NEW_TOKENS_LIMIT}]")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequest("temperature", f"{self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
+            raise InvalidRequest("top_p", f"{self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError(f"top_k: {self.top_k} must be >= 0")
+            raise InvalidRequest("top_k", f"{self.top_k} must be >= 0")
+        self.tree.validate("tree")
 
     @property
     def deterministic(self) -> bool:

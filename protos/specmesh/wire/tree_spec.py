@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from specmesh.v1 import common_pb2
@@ -148,17 +147,3 @@ class TreeSpec:
                 total += width
             return TreeSpec("static", branching=tuple(out)) if out else TreeSpec()
         return self
-
-
-def sampling_from_proto(msg: common_pb2.SamplingParams, field: str = "sampling"):
-    """(temperature, top_p, top_k, seed) validated; raises InvalidRequest naming the field."""
-    temperature = msg.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest(f"{field}.temperature", f"{temperature} must be >= 0")
-    top_p = msg.top_p if msg.HasField("top_p") else 1.0
-    if not (0.0 < top_p <= 1.0):
-        raise InvalidRequest(f"{field}.top_p", f"{top_p} must be in (0, 1]")
-    if msg.top_k < 0:
-        raise InvalidRequest(f"{field}.top_k", f"{msg.top_k} must be >= 0")
-    seed = msg.seed if msg.HasField("seed") else None
-    return temperature, top_p, msg.top_k, seed
