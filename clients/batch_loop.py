@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import grpc
 
 from clients.adaptive import AdaptiveSpeculation
-from clients.scheduler import Scheduler, SequenceDelta, SequenceRequest, StepPlan
+from clients.plan import SequenceDelta, SequenceRequest, StepPlan
+from clients.scheduler import Scheduler
 from clients.step import Stubs, propose_batch, verify_batch, verify_request
 from specmesh.v1 import draft_pb2, verify_pb2
 from specmesh.wire.errors import NotReady, error_from_rpc

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 import grpc
 
-from clients.scheduler import SequenceDelta
+from clients.plan import SequenceDelta
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.batch_rpc import item_rpc_error
 

@@ -50,23 +50,8 @@ class DraftEngine(SequenceEngine):
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         """One forward for the new tokens of every item, then one per tree depth; each failure
         is confined to its item (a failed forward fails only the items in it, uncommitted)."""
-        results: list[ProposeResult | Exception | None] = [None] * len(items)
-        ready: list[tuple[int, ForwardItem, TreeGrower]] = []
-        keep = {it.seq_id for it in items}
-        seen: set[str] = set()
-        for i, item in enumerate(items):
-            try:
-                if item.seq_id in seen:
-                    raise InvalidRequest("header.sequence_id", f"{item.seq_id!r} already has a "
-                                         "Propose in flight (one per sequence at a time)")
-                seen.add(item.seq_id)
-                fwd, num_seeded = self._prepare(item, keep)
-                gen = None if item.sampling.greedy else round_generator(
-                    item.seed, item.num_cached_tokens + num_seeded + len(fwd.new_tokens),
-                    "draft")
-                ready.append((i, fwd, TreeGrower(item.spec, item.sampling, gen)))
-            except Exception as exc:  # noqa: BLE001 - confined to this item
-                results[i] = exc
+        results, prepared = self.prepare_each(items, self._prepare_grower)
+        ready = [(i, fwd, grower) for i, (fwd, grower) in prepared]
         if not ready:
             return results  # type: ignore[return-value]
         try:
@@ -105,6 +90,13 @@ class DraftEngine(SequenceEngine):
             outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
+
+    def _prepare_grower(self, item: ProposeItem, keep: set[str]
+                        ) -> tuple[ForwardItem, TreeGrower]:
+        fwd, num_seeded = self._prepare(item, keep)
+        gen = None if item.sampling.greedy else round_generator(
+            item.seed, item.num_cached_tokens + num_seeded + len(fwd.new_tokens), "draft")
+        return fwd, TreeGrower(item.spec, item.sampling, gen)
 
     @staticmethod
     def _depth_item(seq_id: str, grower: TreeGrower) -> ForwardItem:

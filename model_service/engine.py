@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -11,6 +13,9 @@ from kernels.runner import ModelRunner
 from model_service.config import EngineConfig
 from model_service.prefix_kv import export_prefix, num_prefix_tokens
 from model_service.sequences import SequenceStore
+from specmesh.errors import InvalidRequest
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,26 @@ class SequenceEngine:
         self.sequences = SequenceStore.for_model(loaded, config)
         self.kv = self.sequences.kv
         self.runner = ModelRunner(loaded, self.kv)
+
+    def prepare_each(self, items: Sequence[SequenceItem],
+                     prepare: Callable[[Any, set[str]], T]) -> tuple[list, list[tuple[int, T]]]:
+        """`prepare(item, batch_ids)` for every item, each failure confined to its item (a
+        second item for one sequence in a batch is refused). Returns (results, ready): results
+        holds the failures by position (None elsewhere), ready the (position, prepared) pairs."""
+        results: list = [None] * len(items)
+        ready: list[tuple[int, T]] = []
+        batch_ids = {it.seq_id for it in items}
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            try:
+                if item.seq_id in seen:
+                    raise InvalidRequest("header.sequence_id", f"{item.seq_id!r} appears twice "
+                                         "in one batch (one request per sequence at a time)")
+                seen.add(item.seq_id)
+                ready.append((i, prepare(item, batch_ids)))
+            except Exception as exc:  # noqa: BLE001 - confined to this item
+                results[i] = exc
+        return results, ready
 
     def release(self, seq_ids: list[str]) -> int:
         return self.sequences.release(seq_ids)

@@ -79,21 +79,7 @@ class VerifyEngine(SequenceEngine):
 
         Every check that can fail for one item runs before the forward; an item whose
         acceptance fails after it is rolled back (nothing committed) and fails alone."""
-        results: list[VerifyResult | Exception | None] = [None] * len(items)
-        ready: list[tuple[int, _Prepared]] = []
-        batch_ids = {it.seq_id for it in items}
-        seen: set[str] = set()
-        for i, item in enumerate(items):
-            try:
-                if item.seq_id in seen:
-                    raise InvalidRequest("header.sequence_id", f"{item.seq_id!r} is already "
-                                         "being verified (one request per sequence at a time)")
-                seen.add(item.seq_id)
-                prep = self._prepare(item, batch_ids)
-                self._reserve(prep, batch_ids)
-                ready.append((i, prep))
-            except Exception as exc:  # noqa: BLE001 - confined to this item
-                results[i] = exc
+        results, ready = self.prepare_each(items, self._prepare_and_reserve)
         if not ready:
             return results  # type: ignore[return-value]
         try:
@@ -113,6 +99,11 @@ class VerifyEngine(SequenceEngine):
                 self._roll_back(prep)
                 results[i] = exc
         return results  # type: ignore[return-value]
+
+    def _prepare_and_reserve(self, item: VerifyItem, batch_ids: set[str]) -> _Prepared:
+        prep = self._prepare(item, batch_ids)
+        self._reserve(prep, batch_ids)
+        return prep
 
     def _roll_back(self, prep: _Prepared) -> None:
         """Forget this step's KV: the sequence is as before the request."""

@@ -82,54 +82,55 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                await _reject_undecodable(request, context)
-                try:
-                    return await inner(request, context)
-                except (grpc.aio.AbortError, grpc.aio.BaseError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the boundary of the service
-                    code, msg = _status_of(exc)
-                    await context.abort(code, msg)
-
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _tolerant(handler.request_deserializer),
-                handler.response_serializer)
+                _guard_unary(handler.unary_unary, check_request=True),
+                _tolerant(handler.request_deserializer), handler.response_serializer)
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                await _reject_undecodable(request, context)
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except (grpc.aio.AbortError, grpc.aio.BaseError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    code, msg = _status_of(exc)
-                    await context.abort(code, msg)
-
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _tolerant(handler.request_deserializer),
+                _guard_stream(handler.unary_stream), _tolerant(handler.request_deserializer),
                 handler.response_serializer)
         if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                try:
-                    return await inner_su(request_iterator, context)
-                except (grpc.aio.AbortError, grpc.aio.BaseError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    code, msg = _status_of(exc)
-                    await context.abort(code, msg)
-
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
+                _guard_unary(handler.stream_unary, check_request=False),
+                handler.request_deserializer, handler.response_serializer)
         return handler
+
+
+async def _abort_with_status(context, exc: Exception) -> None:
+    code, msg = _status_of(exc)
+    await context.abort(code, msg)
+
+
+def _guard_unary(inner: Callable, check_request: bool) -> Callable:
+    """A handler returning one response, whose exceptions become statuses."""
+
+    async def handler(request, context):
+        if check_request:
+            await _reject_undecodable(request, context)
+        try:
+            return await inner(request, context)
+        except (grpc.aio.AbortError, grpc.aio.BaseError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary of the service
+            await _abort_with_status(context, exc)
+
+    return handler
+
+
+def _guard_stream(inner: Callable) -> Callable:
+    """A handler streaming responses, whose exceptions become statuses."""
+
+    async def handler(request, context):
+        await _reject_undecodable(request, context)
+        try:
+            async for item in inner(request, context):
+                yield item
+        except (grpc.aio.AbortError, grpc.aio.BaseError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary of the service
+            await _abort_with_status(context, exc)
+
+    return handler
 
 
 @dataclass
