@@ -104,14 +104,17 @@ async def _up(args: argparse.Namespace) -> int:
                           redis_url=args.redis_url) as stack:
         gw_args = ["clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
                    stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
-                   "--tree", args.tree]
+                   "--tree", args.tree, "--http-port", str(args.http_port)]
         if stack.cache_addr:
             gw_args += ["--cache-addr", stack.cache_addr]
         gateway = ServiceProcess("gateway", gw_args)
         await gateway.start()
         try:
-            print(json.dumps({"gateway": gateway.address, "verify": stack.verify_addr,
-                              "draft": stack.draft_addr, "cache": stack.cache_addr}), flush=True)
+            http = next((line.rsplit(" ", 1)[-1] for line in gateway.startup_lines
+                         if line.startswith("OpenAI-compatible HTTP on ")), None)
+            print(json.dumps({"gateway": gateway.address, "http": http,
+                              "verify": stack.verify_addr, "draft": stack.draft_addr,
+                              "cache": stack.cache_addr}), flush=True)
             print("specmesh up: stack running; Ctrl-C to stop", file=sys.stderr, flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -149,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--target", default=None)
     up.add_argument("--port", type=int, default=50051, help="gateway port (0 = free port)")
     up.add_argument("--tree", default=str(DEFAULT_TREE), help="the gateway's default tree spec")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="the gateway's OpenAI-compatible HTTP API (0 = free port)")
     _add_stack_args(up)
     sub.add_parser("bench", help="benchmark (python -m loadtest.bench; see --help there)",
                    add_help=False)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import pathlib
 
 from clients.async_client import AsyncSpecMeshClient
+from clients.chat_template import ChatTemplate
+from clients.http_server import HttpServer, start_http
+from clients.openai_api import build_app
 from clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
-from specmesh.wire.server import build_server, serve_until_signal
+from specmesh.wire.server import build_server, die_with_parent, serve_until_signal
 from specmesh.wire.tree_spec import TreeSpec
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
@@ -59,6 +63,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self.client = client
         self.defaults = defaults or GenerationParams()
         self.metrics = metrics or ServiceMetrics("gateway")
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when served
 
     async def Generate(self, request, context):
         params = to_params(request, self.defaults)
@@ -95,8 +100,10 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
                         port: int = 0, host: str = "127.0.0.1",
                         defaults: GenerationParams | None = None, cache_addr: str | None = None,
                         metrics_port: int | None = None,
-                        max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES):
-    """Connect the client, bind the gateway (SERVING once connected); return (server, servicer)."""
+                        max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES,
+                        http_port: int | None = None, http_host: str = "127.0.0.1"):
+    """Connect the client, bind the gateway (SERVING once connected); return (server,
+    servicer). With `http_port` the OpenAI-compatible HTTP API runs too (`servicer.http`)."""
     client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr)
     await client.connect()
     metrics = ServiceMetrics("gateway")
@@ -108,6 +115,11 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
                                 interceptors=[MetricsInterceptor(metrics)],
                                 max_message_bytes=max_message_bytes)
     await server.start()
+    if http_port is not None:
+        chat = ChatTemplate.from_model_dir(tokenizer_dir) if tokenizer_dir else None
+        name = pathlib.Path(tokenizer_dir).name if tokenizer_dir else None
+        servicer.http = await start_http(build_app(client, servicer.defaults, name, chat),
+                                         http_host, http_port)
     await server.set_serving(True)
     return server, servicer
 
@@ -118,9 +130,15 @@ async def serve(args: argparse.Namespace) -> None:
     server, servicer = await start_gateway(args.verify_addr, args.draft_addr, args.tokenizer,
                                            args.port, args.host, defaults, args.cache_addr,
                                            args.metrics_port,
-                                           int(args.max_message_mb * (1 << 20)))
+                                           int(args.max_message_mb * (1 << 20)),
+                                           args.http_port, args.host)
     print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
+    if servicer.http is not None:
+        print(f"OpenAI-compatible HTTP on http://{args.host}:{servicer.http.port}/v1",
+              flush=True)
     await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
+    if servicer.http is not None:
+        await servicer.http.stop()
     await servicer.client.close()
 
 
@@ -135,10 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", default=str(DEFAULT_TREE), help="default tree spec")
     parser.add_argument("--adaptive", action="store_true", help="adaptive speculation default")
     parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API here (0 = free port)")
     parser.add_argument("--max-message-mb", type=float,
                         default=GATEWAY_MAX_MESSAGE_BYTES / (1 << 20),
                         help="largest gRPC message either way, MiB")
     args = parser.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO)
     try:
         asyncio.run(serve(args))

@@ -35,9 +35,11 @@ class ServiceProcess:
     argv: list[str]
     proc: subprocess.Popen | None = None
     address: str = ""
+    startup_lines: list[str] = field(default_factory=list)  # what it printed until listening
 
     async def start(self, timeout: float = 120.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the child exits when this process dies (specmesh.wire.server.die_with_parent)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SPECMESH_PARENT_PID=str(os.getpid()))
         self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE,
                                      stderr=None, text=True, env=env)
         loop = asyncio.get_running_loop()
@@ -56,6 +58,8 @@ class ServiceProcess:
             if not listening.done():
                 fn(value)
         for line in self.proc.stdout:
+            if not listening.done():
+                self.startup_lines.append(line.strip())
             if not listening.done() and (" listening on " in line or line.startswith("SERVING ")):
                 loop.call_soon_threadsafe(settle, listening.set_result, line.strip())
         error = RuntimeError(f"{self.name} exited with {self.proc.wait()} before listening")

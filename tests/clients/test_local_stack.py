@@ -87,3 +87,47 @@ async def test_service_output_readers_leave_the_default_executor_free(models):
     finally:
         for stack in stacks:
             await stack.__aexit__(None, None, None)
+
+
+HOLDER = """
+import asyncio, os, sys
+from clients.local_stack import LocalStack
+async def main():
+    async with LocalStack(sys.argv[1], sys.argv[2]) as stack:
+        print(" ".join(str(p.proc.pid) for p in stack.services.values()), flush=True)
+        await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.models
+async def test_a_killed_client_leaves_no_services_behind(models):
+    """SIGKILL the process holding a LocalStack: its model services exit too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(models / TINY_TARGET),
+                               str(models / TINY_DRAFT)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in holder.stdout.readline().split()]
+        assert len(pids) == 2
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        deadline = time.monotonic() + 20
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            alive = [p for p in alive if _running(p)]
+        assert not alive, f"services {alive} outlived the killed client"
+    finally:
+        holder.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -9,7 +9,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -237,8 +241,22 @@ async def serve_until_signal(server: Server, grace: float = 5.0,
     await server.stop(grace)
 
 
+def die_with_parent() -> None:
+    """A child of a local stack (SPECMESH_PARENT_PID set by clients.local_stack): exit when
+    the process that started it dies (Linux PR_SET_PDEATHSIG), so a killed client never leaves
+    services behind. Set here, in the child, not in a preexec_fn: forking a process that has
+    gRPC threads and running Python before exec can abort the child."""
+    parent = os.environ.get("SPECMESH_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(coro: Awaitable) -> None:
     """A service process's main: INFO logging, run `coro` until it returns or Ctrl-C."""
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         asyncio.run(coro)
