@@ -43,7 +43,7 @@ async def start_server(config: CacheServiceConfig) -> tuple[Server, CacheService
     return server, servicer
 
 
-def start_metrics(port: int, stats: CacheStats, host: str = "0.0.0.0") -> CollectorRegistry:
+def start_metrics(port: int, stats: CacheStats, host: str = "127.0.0.1") -> CollectorRegistry:
     """Serve `stats` as Prometheus metrics on http://host:port/metrics (own registry)."""
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats))
@@ -61,7 +61,7 @@ async def serve(config: CacheServiceConfig) -> None:
         log.warning("redis at %s not reachable (%s); answering misses until it is",
                     config.redis_url, exc)
     if config.metrics_port is not None:
-        start_metrics(config.metrics_port, servicer.engine.stats)
+        start_metrics(config.metrics_port, servicer.engine.stats, config.metrics_host)
     await serve_until_signal(server, ready_line=f"SERVING {config.host}:{server.port}")
     await servicer.close()
 

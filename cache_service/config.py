@@ -36,6 +36,8 @@ class CacheServiceConfig:
     long, so a dead Redis costs no latency."""
     metrics_port: int | None = None
     """Prometheus /metrics port; None = no metrics server."""
+    metrics_host: str = "127.0.0.1"
+    """Interface the metrics server binds (0.0.0.0 to let a scraper on another host in)."""
 
     def __post_init__(self):
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

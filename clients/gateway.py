@@ -108,7 +108,7 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
     await client.connect()
     metrics = ServiceMetrics("gateway")
     if metrics_port is not None:
-        start_metrics_server(metrics_port, metrics)
+        start_metrics_server(metrics_port, metrics, http_host)
     servicer = GenerateServicer(client, defaults, metrics)
     server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
                                   servicer)], [SERVICE_NAME], port=port, host=host,

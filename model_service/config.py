@@ -53,6 +53,8 @@ class ModelServiceConfig:
     """How long the batcher waits for more callers after the first item arrives."""
     metrics_port: int | None = None
     """Prometheus /metrics port; None = no metrics server."""
+    metrics_host: str = "127.0.0.1"
+    """Interface the metrics server binds (0.0.0.0 to let a scraper on another host in)."""
     cache_addr: str | None = None
     """host:port of the cache service for prefix KV; None = no prefix cache."""
     batch_invariant: bool = False

@@ -60,7 +60,7 @@ async def serve(spec: ServiceSpec, config: ModelServiceConfig) -> None:
     until SIGINT/SIGTERM, stop gracefully. Metrics on `config.metrics_port` when set."""
     metrics = ServiceMetrics(spec.full_name.rsplit(".", 1)[-1])
     if config.metrics_port is not None:
-        port = start_metrics_server(config.metrics_port, metrics)
+        port = start_metrics_server(config.metrics_port, metrics, config.metrics_host)
         print(f"metrics on :{port}/metrics", flush=True)
     proxy = ServicerProxy()
     server = await build_server([(spec.add_to_server, proxy)], [spec.full_name],

@@ -124,7 +124,7 @@ class ServiceMetrics:
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry | ServiceMetrics,
-                         addr: str = "0.0.0.0") -> int:
+                         addr: str = "127.0.0.1") -> int:
     """Serve `registry` at http://addr:port/metrics from a daemon thread; return the bound port
     (port 0 picks a free one)."""
     if isinstance(registry, ServiceMetrics):
