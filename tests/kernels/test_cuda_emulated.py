@@ -228,7 +228,7 @@ def test_emulated_odd_block_size_and_partial_tree(emulated):
 
 
 def test_parameter_block_matches_the_kernel(emulated):
-    """The ctypes mirror in kernels/_cuda.py has the kernel struct's size, alignment and offsets
+    """The ctypes mirror in kernels/cuda_launch.py has the kernel struct's size, alignment and offsets
     (as the host compiler lays it out; NVRTC's size is checked in test_cuda_compile.py)."""
     fields = [name for name, _ in _cuda.TreeAttentionParams._fields_]
     buf = (ctypes.c_longlong * (len(fields) + 2))()
