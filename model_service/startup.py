@@ -47,6 +47,11 @@ class ServiceSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # this service's own flag defaults
 
     @property
+    def short_name(self) -> str:
+        """"verify" / "draft": the `service` label of its metrics (the gateway's is "gateway")."""
+        return self.service.removesuffix("Service").lower()
+
+    @property
     def full_name(self) -> str:
         return self.pb2.DESCRIPTOR.services_by_name[self.service].full_name
 
@@ -58,7 +63,7 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
 async def serve(spec: ServiceSpec, config: ModelServiceConfig) -> None:
     """Bind (health NOT_SERVING), build the servicer (loads the model), report SERVING, run
     until SIGINT/SIGTERM, stop gracefully. Metrics on `config.metrics_port` when set."""
-    metrics = ServiceMetrics(spec.full_name.rsplit(".", 1)[-1])
+    metrics = ServiceMetrics(spec.short_name)
     if config.metrics_port is not None:
         port = start_metrics_server(config.metrics_port, metrics, config.metrics_host)
         print(f"metrics on :{port}/metrics", flush=True)
