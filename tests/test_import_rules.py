@@ -48,6 +48,21 @@ def forbidden_for(pkg: str, path: pathlib.Path) -> set[str]:
     return set()
 
 
+def test_the_contract_root_reexports_the_user_api_lazily():
+    """`from specmesh import Client` works, yet importing the contract loads no client code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, specmesh, specmesh.v1.verify_pb2, specmesh.wire.errors; "
+            "assert not any(m.split('.')[0] in ('clients', 'torch') for m in sys.modules), "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('clients', 'torch')); "
+            "from specmesh import AsyncClient, Client, GenerationParams, launch; "
+            "assert GenerationParams().max_new_tokens > 0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.parametrize("pkg", sorted(OURS))
 def test_import_rules(pkg):
     bad = []
