@@ -40,6 +40,7 @@ class ChunkData:
     shape: tuple[int, ...]  # e.g. (num_layers, 2, chunk_size, num_kv_heads, head_dim)
     data: bytes  # prod(shape) * itemsize bytes
     sha256: bytes  # of data
+    mac: bytes = b""  # the writer's HMAC, stored and returned as is (checked by readers)
 
     @property
     def num_bytes(self) -> int:
@@ -72,7 +73,7 @@ def make_chunk(dtype: str, shape: Sequence[int], data: bytes) -> ChunkData:
 def encode_chunk(fingerprint: str, chunk: ChunkData) -> bytes:
     return msgpack.packb({"v": FORMAT_VERSION, "fp": fingerprint, "dtype": chunk.dtype,
                           "shape": list(chunk.shape), "sha256": chunk.sha256,
-                          "data": chunk.data})
+                          "mac": chunk.mac, "data": chunk.data})
 
 
 def decode_chunk(blob: bytes, fingerprint: str) -> ChunkData:
@@ -92,7 +93,10 @@ def decode_chunk(blob: bytes, fingerprint: str) -> ChunkData:
         raise RejectedEntry("malformed", "data size does not match dtype x shape")
     if hashlib.sha256(data).digest() != digest:
         raise RejectedEntry("checksum", "sha256 mismatch")
-    return ChunkData(dtype, tuple(int(d) for d in shape), data, digest)
+    mac = entry.get("mac", b"")
+    if not isinstance(mac, bytes):
+        raise RejectedEntry("malformed", "mac")
+    return ChunkData(dtype, tuple(int(d) for d in shape), data, digest, mac)
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,13 @@ class CachedResult:
 
     token_ids: tuple[int, ...]
     finish_reason: str
+    mac: bytes = b""  # the writer's HMAC, stored and returned as is
 
 
 def encode_result(result: CachedResult) -> bytes:
     tokens = np.asarray(result.token_ids, dtype="<i4")  # [num_generated]
     return msgpack.packb({"v": FORMAT_VERSION, "tokens": tokens.tobytes(),
-                          "finish": result.finish_reason})
+                          "finish": result.finish_reason, "mac": result.mac})
 
 
 def decode_result(blob: bytes) -> CachedResult:
@@ -114,10 +119,11 @@ def decode_result(blob: bytes) -> CachedResult:
     entry = _unpack_map(blob)
     if entry.get("v") != FORMAT_VERSION:
         raise RejectedEntry("version", f"format {entry.get('v')!r}, want {FORMAT_VERSION}")
-    tokens, finish = entry.get("tokens"), entry.get("finish")
-    if not isinstance(tokens, bytes) or len(tokens) % 4 or not isinstance(finish, str):
+    tokens, finish, mac = entry.get("tokens"), entry.get("finish"), entry.get("mac", b"")
+    if not isinstance(tokens, bytes) or len(tokens) % 4 or not isinstance(finish, str) \
+            or not isinstance(mac, bytes):
         raise RejectedEntry("malformed", "result fields")
-    return CachedResult(tuple(np.frombuffer(tokens, dtype="<i4").tolist()), finish)
+    return CachedResult(tuple(np.frombuffer(tokens, dtype="<i4").tolist()), finish, mac)
 
 
 def _unpack_map(blob: bytes) -> dict:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specmesh.wire.config_args import add_dataclass_args, from_args
+from specmesh.wire.security import Security
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class CacheServiceConfig:
     """Prometheus /metrics port; None = no metrics server."""
     metrics_host: str = "127.0.0.1"
     """Interface the metrics server binds (0.0.0.0 to let a scraper on another host in)."""
+    security: Security = field(default_factory=Security)
+    """TLS and tokens (flags --tls-cert, --token-file, ...; see specmesh.wire.security); writes
+    need a `service` token. rediss:// URLs take TLS options as query parameters."""
 
     def __post_init__(self):
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -19,12 +19,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cache_service import codec, keys
-from cache_service.codec import CachedResult, ChunkData, RejectedEntry
-from cache_service.config import CacheServiceConfig
-from cache_service.keys import ResultKeyFields
-from cache_service.stats import CacheStats
-from cache_service.store import RedisStore
+from specmesh.cache_service import codec, keys
+from specmesh.cache_service.codec import CachedResult, ChunkData, RejectedEntry
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.cache_service.keys import ResultKeyFields
+from specmesh.cache_service.stats import CacheStats
+from specmesh.cache_service.store import RedisStore
 from specmesh.wire.errors import InvalidRequest
 
 log = logging.getLogger(__name__)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from cache_service.codec import CachedResult, ChunkData, expected_bytes, make_chunk
-from cache_service.engine import CacheEngine
-from cache_service.keys import ResultKeyFields
-from cache_service.stats import CacheStats
+import dataclasses
+
+from specmesh.cache_service.codec import CachedResult, ChunkData, expected_bytes, make_chunk
+from specmesh.cache_service.engine import CacheEngine
+from specmesh.cache_service.keys import ResultKeyFields
+from specmesh.cache_service.stats import CacheStats
 from specmesh.v1 import cache_pb2, cache_pb2_grpc
 from specmesh.wire.errors import InvalidRequest, SpecMeshError, status_code
 
@@ -22,7 +24,7 @@ def result_fields(key: cache_pb2.ResultKey) -> ResultKeyFields:
 
 def chunk_meta(chunk: ChunkData) -> cache_pb2.ChunkMeta:
     return cache_pb2.ChunkMeta(dtype=chunk.dtype, shape=chunk.shape, num_bytes=chunk.num_bytes,
-                               sha256=chunk.sha256)
+                               sha256=chunk.sha256, mac=chunk.mac)
 
 
 def stats_response(s: CacheStats) -> cache_pb2.StatsResponse:
@@ -100,7 +102,8 @@ class ChunkAssembler:
         meta, buf, self.meta, self.buf = self.meta, self.buf, None, None
         if buf is None:
             return self.index, None
-        chunk = make_chunk(meta.dtype, tuple(meta.shape), bytes(buf))
+        chunk = dataclasses.replace(make_chunk(meta.dtype, tuple(meta.shape), bytes(buf)),
+                                    mac=meta.mac)
         if meta.sha256 and meta.sha256 != chunk.sha256:
             raise InvalidRequest("piece.meta.sha256", f"chunk {self.index} does not match")
         return self.index, chunk
@@ -176,12 +179,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if result is None:
             return cache_pb2.GetResultResponse(hit=False)
         return cache_pb2.GetResultResponse(hit=True, token_ids=result.token_ids,
-                                           finish_reason=result.finish_reason)
+                                           finish_reason=result.finish_reason, mac=result.mac)
 
     async def PutResult(self, request, context):
         stored = await self.engine.put_result(
             result_fields(request.key),
-            CachedResult(tuple(request.token_ids), request.finish_reason))
+            CachedResult(tuple(request.token_ids), request.finish_reason, request.mac))
         return cache_pb2.PutResultResponse(stored=stored)
 
     async def Stats(self, request, context):

@@ -58,49 +58,48 @@ class CacheStats:
 
 
 class StatsCollector(Collector):
-    """Prometheus view of a CacheStats (register on a registry; read at scrape time)."""
+    """Prometheus view of a CacheStats (register on a registry; read at scrape time). Every
+    series carries `service` (="cache"), like the other services' metrics."""
 
-    def __init__(self, stats: CacheStats):
+    def __init__(self, stats: CacheStats, service: str = "cache"):
         self.stats = stats
+        self.service = service
+
+    def _family(self, cls, name: str, doc: str, label: str | None = None,
+                values: dict[str, float] | None = None, value: float | None = None):
+        fam = cls(name, doc, labels=["service"] + ([label] if label else []))
+        if label:
+            for key, n in values.items():
+                fam.add_metric([self.service, key], n)
+        else:
+            fam.add_metric([self.service], value)
+        return fam
 
     def collect(self):
-        s = self.stats
-        hits = CounterMetricFamily("specmesh_cache_hits", "Cache hits", labels=["kind"])
-        hits.add_metric(["prefix"], s.prefix_hits)
-        hits.add_metric(["result"], s.result_hits)
-        misses = CounterMetricFamily("specmesh_cache_misses", "Cache misses", labels=["kind"])
-        misses.add_metric(["prefix"], s.prefix_misses)
-        misses.add_metric(["result"], s.result_misses)
-        yield hits
-        yield misses
-        yield CounterMetricFamily("specmesh_cache_prefix_tokens_hit",
-                                  "Prompt tokens served from cached prefix chunks",
-                                  value=s.prefix_tokens_hit)
-        chunks = CounterMetricFamily("specmesh_cache_chunks", "KV chunks by outcome",
-                                     labels=["outcome"])
-        for outcome in ("read", "written", "skipped"):
-            chunks.add_metric([outcome], getattr(s, f"chunks_{outcome}"))
-        yield chunks
-        rejected = CounterMetricFamily("specmesh_cache_chunks_rejected",
-                                       "Stored chunks not loaded", labels=["reason"])
-        for reason, n in sorted(s.rejected_by_reason.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        io = CounterMetricFamily("specmesh_cache_bytes", "Value bytes moved", labels=["direction"])
-        io.add_metric(["read"], s.bytes_read)
-        io.add_metric(["written"], s.bytes_written)
-        yield io
-        yield CounterMetricFamily("specmesh_cache_errors", "Redis failures answered as misses",
-                                  value=s.errors)
+        s, f = self.stats, self._family
+        yield f(CounterMetricFamily, "specmesh_cache_hits", "Cache hits", "kind",
+                {"prefix": s.prefix_hits, "result": s.result_hits})
+        yield f(CounterMetricFamily, "specmesh_cache_misses", "Cache misses", "kind",
+                {"prefix": s.prefix_misses, "result": s.result_misses})
+        yield f(CounterMetricFamily, "specmesh_cache_prefix_tokens_hit",
+                "Prompt tokens served from cached prefix chunks", value=s.prefix_tokens_hit)
+        yield f(CounterMetricFamily, "specmesh_cache_chunks", "KV chunks by outcome", "outcome",
+                {o: getattr(s, f"chunks_{o}") for o in ("read", "written", "skipped")})
+        yield f(CounterMetricFamily, "specmesh_cache_chunks_rejected", "Stored chunks not loaded",
+                "reason", dict(sorted(s.rejected_by_reason.items())))
+        yield f(CounterMetricFamily, "specmesh_cache_bytes", "Value bytes moved", "direction",
+                {"read": s.bytes_read, "written": s.bytes_written})
+        yield f(CounterMetricFamily, "specmesh_cache_errors", "Redis failures answered as misses",
+                value=s.errors)
         yield self._latency()
 
     def _latency(self) -> HistogramMetricFamily:
         hist = HistogramMetricFamily("specmesh_cache_request_seconds",
-                                     "Cache operation latency", labels=["op"])
+                                     "Cache operation latency", labels=["service", "op"])
         for op, lat in sorted(self.stats.latency.items()):
             cumulative, buckets = 0, []
             for bound, n in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), lat.buckets):
                 cumulative += n
                 buckets.append((bound, cumulative))
-            hist.add_metric([op], buckets, lat.total_s)
+            hist.add_metric([self.service, op], buckets, lat.total_s)
         return hist

@@ -14,15 +14,16 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent
-from clients.result_cache import ResultCache
-from clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
-from clients.step import Stubs
-from clients.stops import first_stop, visible_text
-from clients.tokenizer import TextCodec
-from clients.types import GenerationParams, GenerationResult, GenerationStats
+from specmesh.clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent
+from specmesh.clients.result_cache import ResultCache
+from specmesh.clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
+from specmesh.clients.step import Stubs
+from specmesh.clients.stops import first_stop, visible_text
+from specmesh.clients.tokenizer import TextCodec
+from specmesh.clients.types import GenerationParams, GenerationResult, GenerationStats
 from specmesh.v1 import common_pb2, draft_pb2_grpc, verify_pb2_grpc
-from specmesh.wire.errors import InvalidRequest
+from specmesh.wire.errors import InvalidRequest, error_from_rpc
+from specmesh.wire.security import Security
 from specmesh.wire.server import CHANNEL_OPTIONS
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -43,14 +44,18 @@ MAX_PROMPT_BYTES_PER_TOKEN = 64  # a text prompt over 64 bytes x context is refu
 class AsyncSpecMeshClient:
     def __init__(self, verify_addr: str, draft_addr: str | None = None,
                  tokenizer_dir: str | None = None, *, cache_addr: str | None = None,
-                 scheduler: SchedulerConfig | None = None, retry_deadline_s: float = 30.0):
+                 scheduler: SchedulerConfig | None = None, retry_deadline_s: float = 30.0,
+                 security: Security | None = None):
         """retry_deadline_s: how long a request keeps retrying (with capped exponential
-        backoff) while the verify service is unreachable before it fails with UNAVAILABLE."""
+        backoff) while the verify service is unreachable before it fails with UNAVAILABLE.
+        security: TLS, bearer token and cache MAC key for every service it calls (default:
+        from SPECMESH_* environment variables, else plaintext without a token)."""
+        self.security = security or Security()
         self.verify_addr = verify_addr
         self.retry_deadline_s = retry_deadline_s
         self.draft_addr = draft_addr
         self.codec = TextCodec(tokenizer_dir) if tokenizer_dir else None
-        self.results = ResultCache(cache_addr) if cache_addr else None
+        self.results = ResultCache(cache_addr, security=self.security) if cache_addr else None
         self._scheduler_config = scheduler or SchedulerConfig()
         self._channels: list[grpc.aio.Channel] = []
         self.target_info: common_pb2.ModelInfo | None = None
@@ -72,13 +77,21 @@ class AsyncSpecMeshClient:
         return min(sizes)
 
     async def connect(self) -> None:
-        verify_ch = grpc.aio.insecure_channel(self.verify_addr, options=CHANNEL_OPTIONS)
+        """Open the channels and read both models' info (the library's errors on failure:
+        UNAUTHENTICATED without a valid token, UNAVAILABLE when a service is unreachable)."""
+        try:
+            await self._connect()
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+
+    async def _connect(self) -> None:
+        verify_ch = self.security.channel(self.verify_addr, CHANNEL_OPTIONS)
         self._channels.append(verify_ch)
         verify = verify_pb2_grpc.VerifyServiceStub(verify_ch)
         self.target_info = await verify.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
         draft = None
         if self.draft_addr:
-            draft_ch = grpc.aio.insecure_channel(self.draft_addr, options=CHANNEL_OPTIONS)
+            draft_ch = self.security.channel(self.draft_addr, CHANNEL_OPTIONS)
             self._channels.append(draft_ch)
             draft = draft_pb2_grpc.DraftServiceStub(draft_ch)
             self.draft_info = await draft.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)

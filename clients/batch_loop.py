@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from clients.adaptive import AdaptiveSpeculation
-from clients.plan import SequenceDelta, SequenceRequest, StepPlan
-from clients.scheduler import Scheduler
-from clients.step import Stubs, propose_batch, verify_batch, verify_request
+from specmesh.clients.adaptive import AdaptiveSpeculation
+from specmesh.clients.plan import SequenceDelta, SequenceRequest, StepPlan
+from specmesh.clients.scheduler import Scheduler
+from specmesh.clients.step import Stubs, propose_batch, verify_batch, verify_request
 from specmesh.v1 import draft_pb2, verify_pb2
 from specmesh.wire.errors import NotReady, error_from_rpc
 

@@ -8,15 +8,15 @@ import json
 import os
 import sys
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import LocalStack, ServiceProcess
-from clients.models import resolve_pair
-from clients.types import DEFAULT_TREE, GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.local_stack import LocalStack, ServiceProcess
+from specmesh.clients.models import resolve_pair
+from specmesh.clients.types import DEFAULT_TREE, GenerationParams
 from specmesh.wire.errors import SpecMeshError
 from specmesh.wire.tree_spec import TreeSpec
 
-SERVICE_MODULES = {"draft": "draft_service", "verify": "verify_service",
-                   "cache": "cache_service", "gateway": "clients.gateway"}
+SERVICE_MODULES = {"draft": "specmesh.draft_service", "verify": "specmesh.verify_service",
+                   "cache": "specmesh.cache_service", "gateway": "specmesh.clients.gateway"}
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,8 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    "embedded redis-server on a free port, stopped after)")
     p.add_argument("--no-cache", action="store_true", help="run without the cache service")
     p.add_argument("--cache-addr", default=None, help="host:port of a running cache service")
+    p.add_argument("--secure", action="store_true", help="a local stack with TLS, bearer tokens "
+                   "and a cache MAC key (a throwaway CA and secrets, deleted with the stack)")
 
 
 def generation_params(args: argparse.Namespace) -> GenerationParams:
@@ -69,13 +71,17 @@ async def _generate(args: argparse.Namespace) -> int:
         verify_addr, draft_addr, cache_addr = args.verify_addr, args.draft_addr, args.cache_addr
     else:
         stack = LocalStack(target, None if not params.speculate else draft,
-                           cache=not args.no_cache, redis_url=args.redis_url)
+                           cache=not args.no_cache, redis_url=args.redis_url, quiet=args.json,
+                           secure=args.secure)
         await stack.__aenter__()
         verify_addr, draft_addr, cache_addr = stack.verify_addr, stack.draft_addr, stack.cache_addr
+    # a stack of our own: this process is one of its fleet (it may write the result cache)
+    security = stack.service_security() if stack is not None else None
     try:
         async with AsyncSpecMeshClient(verify_addr, draft_addr if params.speculate else None,
                                        tokenizer_dir=str(target),
-                                       cache_addr=None if args.no_cache else cache_addr) as client:
+                                       cache_addr=None if args.no_cache else cache_addr,
+                                       security=security) as client:
             if args.json:
                 result = await client.generate(args.prompt, params.max_new_tokens, params=params)
                 print(json.dumps(result.to_json()))
@@ -100,21 +106,30 @@ async def _up(args: argparse.Namespace) -> int:
     import signal
 
     target, draft = resolve_pair(args.target, args.draft)
-    async with LocalStack(target, draft, cache=not args.no_cache,
-                          redis_url=args.redis_url) as stack:
-        gw_args = ["clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
+    async with LocalStack(target, draft, cache=not args.no_cache, redis_url=args.redis_url,
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                          secure=args.secure) as stack:
+        gw_args = ["specmesh.clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
                    stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
-                   "--tree", args.tree, "--http-port", str(args.http_port)]
+                   "--tree", args.tree, "--http-port", str(args.http_port),
+                   *stack.metrics_args("gateway"), *stack.security_args()]
         if stack.cache_addr:
             gw_args += ["--cache-addr", stack.cache_addr]
-        gateway = ServiceProcess("gateway", gw_args)
+        gateway = ServiceProcess("gateway", gw_args, security=stack.service_security())
         await gateway.start()
         try:
-            http = next((line.rsplit(" ", 1)[-1] for line in gateway.startup_lines
-                         if line.startswith("OpenAI-compatible HTTP on ")), None)
-            print(json.dumps({"gateway": gateway.address, "http": http,
-                              "verify": stack.verify_addr, "draft": stack.draft_addr,
-                              "cache": stack.cache_addr}), flush=True)
+            urls = {"gateway": gateway.address,
+                    "http": gateway.printed("OpenAI-compatible HTTP on "),
+                    "verify": stack.verify_addr, "draft": stack.draft_addr,
+                    "cache": stack.cache_addr}
+            if args.metrics_port is not None:
+                metrics = dict(stack.metrics_urls)
+                metrics["gateway"] = gateway.metrics_url
+                urls["metrics"] = metrics
+            if stack.secrets is not None:  # what a client needs to get in
+                urls["tls_ca"] = str(stack.secrets.ca)
+                urls["token"] = stack.secrets.client_token
+            print(json.dumps(urls), flush=True)
             print("specmesh up: stack running; Ctrl-C to stop", file=sys.stderr, flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -127,8 +142,11 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 def _exec_module(module: str, rest: list[str]) -> int:
-    """Replace this process with `python -m module ...` (services are never imported here)."""
-    os.execv(sys.executable, [sys.executable, "-m", module, *rest])
+    """Replace this process with `python -m module ...` (services are never imported here),
+    without the working directory on sys.path: from a checkout its `kernels/` folder would
+    shadow Hugging Face's `kernels`, which transformers imports (ours is specmesh.kernels)."""
+    os.execve(sys.executable, [sys.executable, "-m", module, *rest],
+              dict(os.environ, PYTHONSAFEPATH="1"))
     return 0  # not reached
 
 
@@ -154,8 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tree", default=str(DEFAULT_TREE), help="the gateway's default tree spec")
     up.add_argument("--http-port", type=int, default=8000,
                     help="the gateway's OpenAI-compatible HTTP API (0 = free port)")
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="Prometheus metrics for every service: 0 = a free port each; N = gateway "
+                    "N, verify N+1, draft N+2, cache N+3 (URLs printed)")
+    up.add_argument("--metrics-host", default="127.0.0.1",
+                    help="address the metrics servers bind (default loopback only)")
     _add_stack_args(up)
-    sub.add_parser("bench", help="benchmark (python -m loadtest.bench; see --help there)",
+    sub.add_parser("bench", help="benchmark (python -m specmesh.loadtest.bench; see --help there)",
                    add_help=False)
     return parser
 
@@ -167,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args, rest)
     if args.command == "bench":
-        return _exec_module("loadtest.bench", rest)
+        return _exec_module("specmesh.loadtest.bench", rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -25,22 +25,26 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from clients.async_client import AsyncSpecMeshClient, StreamEvent, _params
-from clients.gateway_client import GatewayClient
-from clients.types import GenerationParams, GenerationResult
+from specmesh.clients.async_client import AsyncSpecMeshClient, StreamEvent, _params
+from specmesh.clients.gateway_client import GatewayClient
+from specmesh.clients.types import GenerationParams, GenerationResult
 from specmesh.wire.errors import error_from_rpc
+from specmesh.wire.security import Security
 
 
 class AsyncClient:
     def __init__(self, target: str | None = None, *, verify: str | None = None,
                  draft: str | None = None, cache: str | None = None,
-                 tokenizer: str | pathlib.Path | None = None):
+                 tokenizer: str | pathlib.Path | None = None,
+                 security: Security | None = None):
         """`target`: a gateway's host:port; or `verify` (+ `draft`, `cache`, `tokenizer`: the
-        model folder, for text prompts) to run speculation in this process."""
+        model folder, for text prompts) to run speculation in this process. `security`: TLS
+        CA, bearer token (default: SPECMESH_TLS_CA, SPECMESH_TOKEN, ... from the environment)."""
         if (target is None) == (verify is None):
             raise ValueError("give a gateway address, or verify= (and draft=, cache=)")
-        self._impl = GatewayClient(target) if target is not None else AsyncSpecMeshClient(
-            verify, draft, str(tokenizer) if tokenizer else None, cache_addr=cache)
+        self._impl = GatewayClient(target, security=security) if target is not None \
+            else AsyncSpecMeshClient(verify, draft, str(tokenizer) if tokenizer else None,
+                                     cache_addr=cache, security=security)
 
     async def __aenter__(self) -> "AsyncClient":
         await self.connect()
@@ -155,8 +159,8 @@ def launch(target: str | pathlib.Path | None = None, draft: str | pathlib.Path |
     """Start a local stack (verify, draft, optionally the cache with an embedded Redis) as
     subprocesses, yield a Client on it, stop everything on exit. `target`/`draft`: model
     folders or names under $SPECMESH_MODEL_DIR (default: the bundled pair)."""
-    from clients.local_stack import LocalStack
-    from clients.models import resolve_pair
+    from specmesh.clients.local_stack import LocalStack
+    from specmesh.clients.models import resolve_pair
 
     target_dir, draft_dir = resolve_pair(target and str(target), draft and str(draft))
     with Client(stack=LocalStack(target_dir, draft_dir, cache=cache)) as client:

@@ -1,6 +1,6 @@
 """GenerateService: a whole generation behind one server-streaming call, over the async client.
 
-    python -m clients.gateway --verify-addr H:P [--draft-addr H:P] [--tokenizer DIR] [--port P]
+    python -m specmesh.clients.gateway --verify-addr H:P [--draft-addr H:P] [--tokenizer DIR] [--port P]
     (also `specmesh serve gateway ...`)
 """
 
@@ -11,14 +11,16 @@ import asyncio
 import logging
 import pathlib
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.chat_template import ChatTemplate
-from clients.http_server import HttpServer, start_http
-from clients.openai_api import build_app
-from clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.chat_template import ChatTemplate
+from specmesh.clients.http_server import HttpServer, start_http
+from specmesh.clients.openai_api import build_app
+from specmesh.clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
+from specmesh.wire.config_args import add_dataclass_args, from_args
 from specmesh.wire.errors import InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
+from specmesh.wire.security import Security, TokenTable
 from specmesh.wire.server import build_server, die_with_parent, serve_until_signal
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -64,6 +66,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self.defaults = defaults or GenerationParams()
         self.metrics = metrics or ServiceMetrics("gateway")
         self.http: HttpServer | None = None  # the OpenAI-compatible API, when served
+        self.metrics_port: int | None = None  # where its Prometheus metrics are served
 
     async def Generate(self, request, context):
         params = to_params(request, self.defaults)
@@ -101,25 +104,32 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
                         defaults: GenerationParams | None = None, cache_addr: str | None = None,
                         metrics_port: int | None = None,
                         max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES,
-                        http_port: int | None = None, http_host: str = "127.0.0.1"):
+                        http_port: int | None = None, http_host: str = "127.0.0.1",
+                        metrics_host: str = "127.0.0.1", security: Security | None = None):
     """Connect the client, bind the gateway (SERVING once connected); return (server,
-    servicer). With `http_port` the OpenAI-compatible HTTP API runs too (`servicer.http`)."""
-    client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr)
+    servicer). With `http_port` the OpenAI-compatible HTTP API runs too (`servicer.http`).
+    `security`: the gateway's TLS and tokens, as a server (gRPC and HTTP) and towards the
+    services (its own token, a `service` one: it writes the result cache)."""
+    security = security or Security()
+    client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr,
+                                 security=security)
     await client.connect()
     metrics = ServiceMetrics("gateway")
-    if metrics_port is not None:
-        start_metrics_server(metrics_port, metrics, http_host)
     servicer = GenerateServicer(client, defaults, metrics)
+    if metrics_port is not None:
+        servicer.metrics_port = start_metrics_server(metrics_port, metrics, metrics_host)
     server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
                                   servicer)], [SERVICE_NAME], port=port, host=host,
                                 interceptors=[MetricsInterceptor(metrics)],
-                                max_message_bytes=max_message_bytes)
+                                max_message_bytes=max_message_bytes, security=security)
     await server.start()
     if http_port is not None:
         chat = ChatTemplate.from_model_dir(tokenizer_dir) if tokenizer_dir else None
         name = pathlib.Path(tokenizer_dir).name if tokenizer_dir else None
-        servicer.http = await start_http(build_app(client, servicer.defaults, name, chat),
-                                         http_host, http_port)
+        tokens = TokenTable(security.token_file) if security.token_file else None
+        servicer.http = await start_http(build_app(client, servicer.defaults, name, chat, tokens),
+                                         http_host, http_port, ssl_certfile=security.tls_cert,
+                                         ssl_keyfile=security.tls_key)
     await server.set_serving(True)
     return server, servicer
 
@@ -131,11 +141,16 @@ async def serve(args: argparse.Namespace) -> None:
                                            args.port, args.host, defaults, args.cache_addr,
                                            args.metrics_port,
                                            int(args.max_message_mb * (1 << 20)),
-                                           args.http_port, args.host)
-    print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
-    if servicer.http is not None:
-        print(f"OpenAI-compatible HTTP on http://{args.host}:{servicer.http.port}/v1",
+                                           args.http_port, args.host, args.metrics_host,
+                                           from_args(Security, args))
+    if servicer.metrics_port is not None:
+        print(f"metrics on http://{args.metrics_host}:{servicer.metrics_port}/metrics",
               flush=True)
+    if servicer.http is not None:
+        scheme = "https" if args.tls_cert else "http"
+        print(f"OpenAI-compatible HTTP on {scheme}://{args.host}:{servicer.http.port}/v1",
+              flush=True)
+    print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
     await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
     if servicer.http is not None:
         await servicer.http.stop()
@@ -152,12 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tree", default=str(DEFAULT_TREE), help="default tree spec")
     parser.add_argument("--adaptive", action="store_true", help="adaptive speculation default")
-    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics here (0 = a free port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics server binds (default loopback only)")
     parser.add_argument("--http-port", type=int, default=None,
                         help="also serve the OpenAI-compatible HTTP API here (0 = free port)")
     parser.add_argument("--max-message-mb", type=float,
                         default=GATEWAY_MAX_MESSAGE_BYTES / (1 << 20),
                         help="largest gRPC message either way, MiB")
+    add_dataclass_args(parser, Security)
     args = parser.parse_args(argv)
     die_with_parent()
     logging.basicConfig(level=logging.INFO)

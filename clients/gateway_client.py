@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from clients.async_client import StreamEvent
-from clients.types import GenerationParams, GenerationResult, GenerationStats
+from specmesh.clients.async_client import StreamEvent
+from specmesh.clients.types import GenerationParams, GenerationResult, GenerationStats
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
+from specmesh.wire.security import Security
 from specmesh.wire.server import CHANNEL_OPTIONS
 
 FINISH = {generate_pb2.FINISH_REASON_LENGTH: "length", generate_pb2.FINISH_REASON_EOS: "eos",
@@ -34,14 +35,15 @@ def generate_request(prompt: str | list[int], p: GenerationParams
 
 
 class GatewayClient:
-    def __init__(self, address: str, timeout_s: float = 600.0):
+    def __init__(self, address: str, timeout_s: float = 600.0, security: Security | None = None):
         self.address = address
+        self.security = security or Security()
         self.timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: generate_pb2_grpc.GenerateServiceStub | None = None
 
     async def connect(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._channel = self.security.channel(self.address, CHANNEL_OPTIONS)
         await self._channel.channel_ready()
         self._stub = generate_pb2_grpc.GenerateServiceStub(self._channel)
 

@@ -24,14 +24,18 @@ class HttpServer:
         await self._task
 
 
-async def start_http(app, host: str = "127.0.0.1", port: int = 0) -> HttpServer:
-    """Bind (port 0 picks a free one), start serving, return once it accepts connections."""
+async def start_http(app, host: str = "127.0.0.1", port: int = 0, *,
+                     ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+                     ) -> HttpServer:
+    """Bind (port 0 picks a free one), start serving (HTTPS with a certificate and key),
+    return once it accepts connections."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
     sock.setblocking(False)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:

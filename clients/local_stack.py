@@ -24,6 +24,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from specmesh.clients.local_pki import LocalSecrets
+from specmesh.wire.progress import progress
+from specmesh.wire.security import Security
 from specmesh.wire.server import wait_for_serving
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,15 @@ class ServiceProcess:
     proc: subprocess.Popen | None = None
     address: str = ""
     startup_lines: list[str] = field(default_factory=list)  # what it printed until listening
+    security: Security | None = None  # to check its health over TLS
 
     async def start(self, timeout: float = 120.0) -> None:
         # the child exits when this process dies (specmesh.wire.server.die_with_parent)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", SPECMESH_PARENT_PID=str(os.getpid()))
+        # quiet children: several processes' bars on one terminal garble (the stack shows one)
+        # PYTHONSAFEPATH: run from a checkout, the working directory's folders (kernels/, ...)
+        # must not shadow installed packages (Hugging Face's `kernels`); ours are specmesh.*
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SPECMESH_PARENT_PID=str(os.getpid()),
+                   SPECMESH_PROGRESS="0", PYTHONSAFEPATH="1")
         self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE,
                                      stderr=None, text=True, env=env)
         loop = asyncio.get_running_loop()
@@ -50,7 +58,7 @@ class ServiceProcess:
                          name=f"{self.name}-stdout").start()
         line = await asyncio.wait_for(listening, timeout)
         self.address = line.rsplit(" ", 1)[-1]
-        await wait_for_serving(self.address, timeout)
+        await wait_for_serving(self.address, timeout, self.security)
 
     def _read(self, loop: asyncio.AbstractEventLoop, listening: asyncio.Future) -> None:
         """Hand the listening line to `listening`, then drain stdout until the process ends."""
@@ -65,6 +73,16 @@ class ServiceProcess:
         error = RuntimeError(f"{self.name} exited with {self.proc.wait()} before listening")
         if not loop.is_closed():
             loop.call_soon_threadsafe(settle, listening.set_exception, error)
+
+    def printed(self, prefix: str) -> str | None:
+        """The last word of the first startup line that starts with `prefix` (an URL, a port)."""
+        return next((line.rsplit(" ", 1)[-1] for line in self.startup_lines
+                     if line.startswith(prefix)), None)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://host:port/metrics when the service serves metrics."""
+        return self.printed("metrics on ")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -157,6 +175,16 @@ class LocalStack:
     redis_url: str | None = None
     """Redis for the cache service; None = an embedded redis-server from PATH."""
     extra_cache_args: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
+    """Serve every service's metrics: 0 = a free port each; N = gateway N (see `metrics_args`),
+    verify N+1, draft N+2, cache N+3. None = no metrics."""
+    metrics_host: str = "127.0.0.1"
+    quiet: bool = False
+    """No progress bar while the services start (always none when stderr is not a terminal)."""
+    secure: bool = False
+    """TLS, bearer tokens and a cache MAC key, from a throwaway CA and secrets made for this
+    stack (`self.secrets`; `self.client_security()` for its clients)."""
+    secrets: LocalSecrets | None = field(default=None, init=False, repr=False)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     redis: EmbeddedRedis | None = field(default=None, init=False, repr=False)
 
@@ -173,18 +201,52 @@ class LocalStack:
         """host:port of the cache service; None when the stack runs without one."""
         return self.services["cache"].address if "cache" in self.services else None
 
+    def security_args(self) -> list[str]:
+        """The TLS / token / cache-key flags every service (and a gateway) of the stack takes."""
+        return self.secrets.service_flags() if self.secrets is not None else []
+
+    def client_security(self) -> Security | None:
+        """How a client reaches this stack (its CA and the client token); None if not secure."""
+        return self.secrets.client() if self.secrets is not None else None
+
+    def service_security(self) -> Security | None:
+        return self.secrets.service() if self.secrets is not None else None
+
+    def metrics_args(self, name: str) -> list[str]:
+        """The `--metrics-port/--metrics-host` flags for service `name` (none without metrics)."""
+        if self.metrics_port is None:
+            return []
+        offset = ("gateway", "verify", "draft", "cache").index(name)
+        port = self.metrics_port + offset if self.metrics_port else 0
+        return ["--metrics-port", str(port), "--metrics-host", self.metrics_host]
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """service name -> its metrics URL, for every running service that serves metrics."""
+        return {name: s.metrics_url for name, s in self.services.items() if s.metrics_url}
+
     async def __aenter__(self) -> "LocalStack":
         try:
+            if self.secure:
+                self._secrets_dir = tempfile.TemporaryDirectory(prefix="specmesh-pki-")
+                self.secrets = LocalSecrets.create(self._secrets_dir.name)
             cache_args = await self._start_cache() if self.cache else []
             self.services["verify"] = ServiceProcess("verify", [
-                "verify_service", "--model", str(self.target_dir), "--port", "0",
-                *cache_args, *self.extra_verify_args])
+                "specmesh.verify_service", "--model", str(self.target_dir), "--port", "0",
+                *cache_args, *self.metrics_args("verify"), *self.security_args(),
+                *self.extra_verify_args], security=self.service_security())
             if self.draft_dir is not None:
                 self.services["draft"] = ServiceProcess("draft", [
-                    "draft_service", "--model", str(self.draft_dir), "--port", "0",
-                    *cache_args, *self.extra_draft_args])
-            await asyncio.gather(*(s.start() for name, s in self.services.items()
-                                   if name != "cache"))
+                    "specmesh.draft_service", "--model", str(self.draft_dir), "--port", "0",
+                    *cache_args, *self.metrics_args("draft"), *self.security_args(),
+                    *self.extra_draft_args], security=self.service_security())
+            starting = [s for name, s in self.services.items() if name != "cache"]
+            with progress(total=len(starting), desc="starting services", unit="service",
+                          quiet=self.quiet) as bar:
+                async def start(service: ServiceProcess) -> None:
+                    await service.start()
+                    bar.update(1)
+                await asyncio.gather(*(start(s) for s in starting))
         except BaseException:
             self.stop()
             raise
@@ -201,8 +263,10 @@ class LocalStack:
                 return []
             await self.redis.start()
             url = self.redis.url
-        cache = ServiceProcess("cache", ["cache_service", "--redis-url", url, "--port", "0",
-                                         *self.extra_cache_args])
+        cache = ServiceProcess("cache", ["specmesh.cache_service", "--redis-url", url, "--port",
+                                         "0", *self.metrics_args("cache"),
+                                         *self.security_args(), *self.extra_cache_args],
+                               security=self.service_security())
         self.services["cache"] = cache
         await cache.start()
         return ["--cache-addr", cache.address]
@@ -216,3 +280,6 @@ class LocalStack:
             self.services[name].stop()
         if self.redis is not None:
             self.redis.stop()
+        if getattr(self, "_secrets_dir", None) is not None:
+            self._secrets_dir.cleanup()
+            self._secrets_dir = None

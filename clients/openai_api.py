@@ -22,10 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from clients.async_client import AsyncSpecMeshClient, StreamEvent
-from clients.chat_template import ChatTemplate
-from clients.types import GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient, StreamEvent
+from specmesh.clients.chat_template import ChatTemplate
+from specmesh.clients.types import GenerationParams
 from specmesh.errors import InvalidRequest, SpecMeshError
+from specmesh.wire.security import TokenTable, bearer
 from specmesh.wire.tree_spec import TreeSpec
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -92,10 +93,15 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def build_app(client: AsyncSpecMeshClient, defaults: GenerationParams | None = None,
-              model_name: str | None = None, chat: ChatTemplate | None = None) -> FastAPI:
-    """The HTTP app; `model_name` is what /v1/models lists (default: the target's name)."""
+              model_name: str | None = None, chat: ChatTemplate | None = None,
+              tokens: TokenTable | None = None) -> FastAPI:
+    """The HTTP app; `model_name` is what /v1/models lists (default: the target's name).
+    With `tokens`, every path but /health needs `Authorization: Bearer <token>` (the OpenAI
+    client's api_key) of any role: 401 otherwise."""
     api = _Api(client, defaults or GenerationParams(), model_name, chat)
     app = FastAPI(title="specmesh", docs_url=None, redoc_url=None)
+    if tokens is not None:
+        app.middleware("http")(_bearer_check(tokens))
     app.add_exception_handler(RequestValidationError, api.on_bad_body)
     app.add_exception_handler(SpecMeshError, api.on_error)
     app.get("/health")(api.health)
@@ -103,6 +109,18 @@ def build_app(client: AsyncSpecMeshClient, defaults: GenerationParams | None = N
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat_completions)
     return app
+
+
+def _bearer_check(tokens: TokenTable):
+    async def check(request: Request, call_next):
+        if request.url.path != "/health":
+            token = bearer([(k, v) for k, v in request.headers.items()])
+            if not token or tokens.role_of(token) is None:
+                response = _error(401, "missing or unknown bearer token (the API key)")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await call_next(request)
+    return check
 
 
 class _Api:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clients.types import GenerationParams
+from specmesh.clients.types import GenerationParams
 from specmesh.v1 import cache_pb2, common_pb2
 from specmesh.wire.cache_client import CacheClient, CacheClientStats, CachedResult, result_key
+from specmesh.wire.security import Security
 
 NOT_STORED = frozenset({"cancelled"})  # finish reasons of partial outputs
 
@@ -33,8 +34,9 @@ NOT_STORED = frozenset({"cancelled"})  # finish reasons of partial outputs
 class ResultCache:
     """Looks up and stores generated token ids by request key (async; use in an event loop)."""
 
-    def __init__(self, cache_addr: str, *, timeout_s: float = 0.5):
-        self.client = CacheClient(cache_addr, timeout_s=timeout_s)
+    def __init__(self, cache_addr: str, *, timeout_s: float = 0.5,
+                 security: Security | None = None):
+        self.client = CacheClient(cache_addr, timeout_s=timeout_s, security=security)
 
     @property
     def stats(self) -> CacheClientStats:

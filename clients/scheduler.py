@@ -29,7 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from clients.plan import CommitResult, NewSequence, SequenceDelta, SequenceRequest, StepPlan
+from specmesh.clients.plan import (
+    CommitResult,
+    NewSequence,
+    SequenceDelta,
+    SequenceRequest,
+    StepPlan,
+)
 from specmesh.wire.tree_spec import TreeSpec
 
 __all__ = ["CommitResult", "NewSequence", "ScheduledSequence", "Scheduler", "SchedulerConfig",

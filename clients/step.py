@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+
 import grpc
 
-from clients.plan import SequenceDelta
+from specmesh.clients.plan import SequenceDelta
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.batch_rpc import item_rpc_error
 

@@ -1,12 +1,12 @@
-"""python -m draft_service --model DIR [--port P] ... (also `specmesh serve draft`)."""
+"""python -m specmesh.draft_service --model DIR [--port P] ... (also `specmesh serve draft`)."""
 
-from model_service.startup import tune_openmp
+from specmesh.model_service.startup import tune_openmp
 
 tune_openmp()  # before torch loads
 
-from draft_service.engine import DraftEngine  # noqa: E402
-from draft_service.servicer import DraftServicer  # noqa: E402
-from model_service.startup import ServiceSpec, main  # noqa: E402
+from specmesh.draft_service.engine import DraftEngine  # noqa: E402
+from specmesh.draft_service.servicer import DraftServicer  # noqa: E402
+from specmesh.model_service.startup import ServiceSpec, main  # noqa: E402
 from specmesh.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
 
 # The draft's own defaults: a small model needs a small KV cache, and one thread (a second

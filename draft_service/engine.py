@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from draft_service.tree_builder import TreeGrower
-from kernels.runner import ForwardItem
-from kernels.sampling import SamplingConfig
-from kernels.seeding import round_generator
-from kernels.tree import compile_tree
-from model_service.engine import SequenceEngine, SequenceItem
-from model_service.prefix_kv import seed_prefix
+from specmesh.draft_service.tree_builder import TreeGrower
 from specmesh.errors import CapacityExhausted, InvalidRequest
+from specmesh.kernels.runner import ForwardItem
+from specmesh.kernels.sampling import SamplingConfig
+from specmesh.kernels.seeding import round_generator
+from specmesh.kernels.tree import compile_tree
+from specmesh.model_service.engine import SequenceEngine, SequenceItem
+from specmesh.model_service.prefix_kv import seed_prefix
 from specmesh.wire.tree_spec import TreeSpec
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from draft_service.engine import ProposeItem, ProposeResult
-from model_service.servicer import ModelServicer, sampling_config
+from specmesh.draft_service.engine import ProposeItem, ProposeResult
+from specmesh.model_service.servicer import ModelServicer, sampling_config
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specmesh.wire.batch_rpc import item_error
 from specmesh.wire.codec import encode_sparse
@@ -26,12 +26,12 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
     release_reply = draft_pb2.ReleaseResponse
 
     async def Propose(self, request, context):
-        _, result = await self.run_one(request, to_item)
+        _, result = await self.run_one(request, context, to_item)
         return self._response(result)
 
     async def ProposeBatch(self, request, context):
         """Every item of a client's round; one forward per depth, outcomes item by item."""
-        outcomes = await self.run_batch(request, to_item)
+        outcomes = await self.run_batch(request, context, to_item)
         return draft_pb2.ProposeBatchResponse(results=[
             draft_pb2.ProposeResult(error=item_error(out)) if isinstance(out, BaseException)
             else draft_pb2.ProposeResult(response=self._response(out)) for out in outcomes])

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.sampling import SamplingConfig, sample_without_replacement, warp_logits_to_probs
+from specmesh.kernels.sampling import (
+    SamplingConfig,
+    sample_without_replacement,
+    warp_logits_to_probs,
+)
 from specmesh.wire.tree_spec import TreeSpec
 
 

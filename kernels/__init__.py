@@ -3,7 +3,7 @@
 torch only; never imports grpc.
 """
 
-from kernels.config import ModelConfig
-from kernels.loader import LoadedModel, load_for_service, load_model
+from specmesh.kernels.config import ModelConfig
+from specmesh.kernels.loader import LoadedModel, load_for_service, load_model
 
 __all__ = ["LoadedModel", "ModelConfig", "load_for_service", "load_model"]

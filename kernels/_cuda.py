@@ -3,7 +3,7 @@ images), `cuda_plan` (pure launch planning) and `cuda_launch` (per-device module
 This module gathers their public names for callers and tests.
 """
 
-from kernels.cuda_compile import (
+from specmesh.kernels.cuda_compile import (
     DTYPE_NAMES,
     HEAD_DIMS,
     SOURCE_PATH,
@@ -15,7 +15,7 @@ from kernels.cuda_compile import (
     compile_program,
     compile_source,
 )
-from kernels.cuda_launch import (
+from specmesh.kernels.cuda_launch import (
     LOG2_E,
     DeviceKernels,
     KernelLauncher,
@@ -25,7 +25,7 @@ from kernels.cuda_launch import (
     run_tree_attention,
     tree_attention_cuda,
 )
-from kernels.cuda_plan import (
+from specmesh.kernels.cuda_plan import (
     COMBINE_THREADS,
     KEYS_PER_TILE,
     MAX_SPLITS,

@@ -1,6 +1,6 @@
 """In-process engine bench: forward time by row count, next to the weight-streaming bound.
 
-    python -m kernels.bench_forward [--target DIR --draft DIR] [--rows 1,2,5,9,17] [--json]
+    python -m specmesh.kernels.bench_forward [--target DIR --draft DIR] [--rows 1,2,5,9,17] [--json]
 
 For the target: one packed forward of 1 causal token + (rows - 1) chain-tree nodes over a
 128-token committed prefix (a verify step; rows = 1 is a plain decode step). For the draft: a
@@ -24,11 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_linear import linear_f16
-from kernels.kv_cache import PagedKVCache
-from kernels.loader import LoadedModel, load_model
-from kernels.runner import ForwardItem, ModelRunner
-from kernels.tree import compile_tree
+from specmesh.kernels.cpu_linear import linear_f16
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.loader import LoadedModel, load_model
+from specmesh.kernels.runner import ForwardItem, ModelRunner
+from specmesh.kernels.tree import compile_tree
 
 PREFIX = 128
 
@@ -138,7 +138,7 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_forward", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m specmesh.kernels.bench_forward", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=pathlib.Path, default=_default("stories260K-wide78M"))
     p.add_argument("--draft", type=pathlib.Path, default=_default("stories260K-draft2L-wide5M"))

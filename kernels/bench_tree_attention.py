@@ -1,6 +1,6 @@
 """Benchmark: the CUDA tree-attention kernel vs the PyTorch reference vs dense-mask SDPA.
 
-    python -m kernels.bench_tree_attention [--prefix 512,2048,8192] [--tree 16,64,128]
+    python -m specmesh.kernels.bench_tree_attention [--prefix 512,2048,8192] [--tree 16,64,128]
         [--batch 1,8,32] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16]
 
 Each sequence has `prefix` committed tokens and one draft tree of `tree` nodes (random shape),
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import _cuda
-from kernels.attention_metadata import SequenceStep, build_metadata, to_device
-from kernels.reference import dense_mask, tree_attention_reference
-from kernels.tree import compile_tree
+from specmesh.kernels import _cuda
+from specmesh.kernels.attention_metadata import SequenceStep, build_metadata, to_device
+from specmesh.kernels.reference import dense_mask, tree_attention_reference
+from specmesh.kernels.tree import compile_tree
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 

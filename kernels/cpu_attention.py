@@ -19,8 +19,13 @@ import logging
 
 import torch
 
-from kernels import cpu_build
-from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, SequenceStep, build_metadata
+from specmesh.kernels import cpu_build
+from specmesh.kernels.attention_metadata import (
+    MAX_TREE_NODES,
+    AttentionMetadata,
+    SequenceStep,
+    build_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ def _library() -> ctypes.CDLL | None:
 
 def _self_check(fn) -> bool:
     """Two sequences (one with a 3-node tree), scattered blocks, GQA, against the reference."""
-    from kernels.reference import tree_attention_reference
+    from specmesh.kernels.reference import tree_attention_reference
 
     gen = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(2, 9, 4, 2, 32, generator=gen)  # [blocks, bs, Hkv, D] each

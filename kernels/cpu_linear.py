@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_build
+from specmesh.kernels import cpu_build
 
 log = logging.getLogger(__name__)
 

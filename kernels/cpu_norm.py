@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from kernels import cpu_build
+from specmesh.kernels import cpu_build
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from kernels.attention_metadata import AttentionMetadata
-from kernels.cuda_compile import (
+from specmesh.kernels.attention_metadata import AttentionMetadata
+from specmesh.kernels.cuda_compile import (
     DTYPE_NAMES,
     HEAD_DIMS,
     CompiledProgram,
@@ -24,7 +24,13 @@ from kernels.cuda_compile import (
     _check_driver,
     compile_program,
 )
-from kernels.cuda_plan import COMBINE_THREADS, THREADS_PER_CTA, plan_launch, query_tiles, smem_bytes
+from specmesh.kernels.cuda_plan import (
+    COMBINE_THREADS,
+    THREADS_PER_CTA,
+    plan_launch,
+    query_tiles,
+    smem_bytes,
+)
 
 LOG2_E = 1.4426950408889634
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
+from specmesh.kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
 
 
 def project_rows(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

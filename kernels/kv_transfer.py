@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.kv_cache import PagedKVCache
+from specmesh.kernels.kv_cache import PagedKVCache
 
 _NUMPY_VIEW = {torch.bfloat16: (torch.int16, np.uint16)}  # torch dtype -> (same-width view)
 

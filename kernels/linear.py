@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_linear
-from kernels.invariant import project_rows
+from specmesh.kernels import cpu_linear
+from specmesh.kernels.invariant import project_rows
 
 log = logging.getLogger(__name__)
 

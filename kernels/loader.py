@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
-from kernels.config import ModelConfig
-from kernels.model import Transformer
+from specmesh.kernels.config import ModelConfig
+from specmesh.kernels.model import Transformer
 
 
 @dataclass
@@ -51,16 +52,28 @@ def _fingerprint(files: list[pathlib.Path], cfg: ModelConfig, dtype: torch.dtype
     return h.hexdigest()[:32]
 
 
+Progress = Callable[..., Iterable]  # (iterable, total=..., desc=..., unit=...) -> iterable
+
+
+def _read_tensors(files: list[pathlib.Path], progress: Progress | None) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors `files`, one at a time through `progress` (a bar)."""
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    names = [(h, k) for h in handles for k in h.keys()]
+    items = names if progress is None else progress(names, total=len(names), unit="tensor",
+                                                    desc=f"loading {files[0].parent.name}")
+    return {k: h.get_tensor(k) for h, k in items}
+
+
 def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", fuse: bool = True) -> LoadedModel:
+               device: str | torch.device = "cpu", fuse: bool = True,
+               progress: Progress | None = None) -> LoadedModel:
     """Load `path` (an HF model folder) as `dtype` on `device`, in eval mode; `fuse` merges
-    q/k/v and gate/up projections (frees the separate copies)."""
+    q/k/v and gate/up projections (frees the separate copies). `progress` wraps the tensor
+    reads (e.g. `specmesh.wire.progress.progress` for a bar on a terminal)."""
     path = pathlib.Path(path)
     cfg = ModelConfig.from_hf(path)
     files = _weight_files(path)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = _read_tensors(files, progress)
     qkv_bias = "model.layers.0.self_attn.q_proj.bias" in state
     o_bias = "model.layers.0.self_attn.o_proj.bias" in state
     model = Transformer(cfg, qkv_bias=qkv_bias, o_bias=o_bias)
@@ -79,11 +92,12 @@ def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
 
 
 def load_for_service(path: str | pathlib.Path, dtype: str = "float32", device: str = "cpu",
-                     threads: int | None = None, batch_invariant: bool = False) -> LoadedModel:
+                     threads: int | None = None, batch_invariant: bool = False,
+                     progress: Progress | None = None) -> LoadedModel:
     """`load_model` as a model service runs it, on the thread that will run every forward:
     `threads` sets torch's intra-op threads first (None keeps torch's default)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded = load_model(path, getattr(torch, dtype), device)
+    loaded = load_model(path, getattr(torch, dtype), device, progress=progress)
     loaded.model.set_batch_invariant(batch_invariant)
     return loaded

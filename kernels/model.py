@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_norm
-from kernels.attention_metadata import AttentionMetadata
-from kernels.config import ModelConfig
-from kernels.invariant import attention_per_query
-from kernels.linear import attach_f16, pack_linear, project
-from kernels.tree_attention import tree_attention
+from specmesh.kernels import cpu_norm
+from specmesh.kernels.attention_metadata import AttentionMetadata
+from specmesh.kernels.config import ModelConfig
+from specmesh.kernels.invariant import attention_per_query
+from specmesh.kernels.linear import attach_f16, pack_linear, project
+from specmesh.kernels.tree_attention import tree_attention
 
 
 class RMSNorm(nn.Module):

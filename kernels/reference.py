@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
+from specmesh.kernels.attention_metadata import MAX_TREE_NODES, AttentionMetadata, unpack_bits
 
 LONE_MAX_QUERIES = 160  # one sequence with at most this many queries: `_lone_attention`
 

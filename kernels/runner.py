@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_metadata import SequenceStep, build_metadata, to_device
-from kernels.kv_cache import PagedKVCache
-from kernels.loader import LoadedModel
-from kernels.tree import TreeBuffers
+from specmesh.kernels.attention_metadata import SequenceStep, build_metadata, to_device
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.loader import LoadedModel
+from specmesh.kernels.tree import TreeBuffers
 
 
 @dataclass(frozen=True)

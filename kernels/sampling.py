@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.tree import TreeBuffers
+from specmesh.kernels.tree import TreeBuffers
 
 MIN_TEMPERATURE = 1e-5
 

@@ -8,10 +8,10 @@ import warnings
 
 import torch
 
-from kernels import cpu_attention
-from kernels._cuda import CudaUnavailable, tree_attention_cuda
-from kernels.attention_metadata import AttentionMetadata
-from kernels.reference import tree_attention_reference
+from specmesh.kernels import cpu_attention
+from specmesh.kernels._cuda import CudaUnavailable, tree_attention_cuda
+from specmesh.kernels.attention_metadata import AttentionMetadata
+from specmesh.kernels.reference import tree_attention_reference
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """`specmesh bench`: target-only vs speculative through our stack vs HF transformers, one run.
 
-    python -m loadtest.bench --concurrency 1,4,16 --max-new-tokens 128 --plot bench.png
+    python -m specmesh.loadtest.bench --concurrency 1,4,16 --max-new-tokens 128 --plot bench.png
 
 On the same prompts, greedy, every request exactly --max-new-tokens tokens:
   1. our stack, target-only (speculation off), at each concurrency;
@@ -22,11 +22,11 @@ import re
 import sys
 import time
 
-from clients.models import resolve_pair
-from clients.tokenizer import TextCodec
-from loadtest.bench_report import format_report, to_json, write_plot
-from loadtest.bench_results import TARGET, ModeRun, check_outputs, compute_ratios
-from loadtest.bench_stack import SpecConfig, run_stack
+from specmesh.clients.models import resolve_pair
+from specmesh.clients.tokenizer import TextCodec
+from specmesh.loadtest.bench_report import format_report, to_json, write_plot
+from specmesh.loadtest.bench_results import TARGET, ModeRun, check_outputs, compute_ratios
+from specmesh.loadtest.bench_stack import SpecConfig, run_stack
 from specmesh.wire.tree_spec import TreeSpec
 
 # Short TinyStories-style openings; request i of a level uses prompt i (cycled past the end).
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs are not compared token for token and HF rows are skipped")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus for --temperature")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
-    p.add_argument("--json", action="store_true", help="print one JSON object (table to stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (table to stderr, no progress bar)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
     return p
 
@@ -147,12 +148,12 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, args.repeats, _log,
-                                 args.temperature, args.top_p))
+                                 args.temperature, args.top_p, quiet=args.json))
     if not args.no_hf and args.temperature == 0:
-        from loadtest.bench_hf import run_hf  # torch + transformers only when asked
+        from specmesh.loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
         runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens,
-                       args.repeats, _log)
+                       args.repeats, _log, quiet=args.json)
     return runs
 
 

@@ -10,7 +10,15 @@ import pathlib
 import time
 from collections.abc import Callable
 
-from loadtest.bench_results import HF_ASSISTED, HF_TARGET, ModeRun, RequestSample, summarise
+from specmesh.loadtest.bench_results import (
+    HF_ASSISTED,
+    HF_TARGET,
+    ModeRun,
+    RequestSample,
+    summarise,
+)
+from specmesh.loadtest.hf_import import installed_kernels_first
+from specmesh.wire.progress import progress
 
 WARMUP_TOKENS = 8
 
@@ -73,9 +81,11 @@ def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
 
 
 def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
-           max_new_tokens: int, repeats: int, log: Callable[[str], None]) -> list[ModeRun]:
+           max_new_tokens: int, repeats: int, log: Callable[[str], None],
+           quiet: bool = False) -> list[ModeRun]:
     """HF target-only and HF assisted, each over all prompts in order, alternating `repeats`
     times (requests and wall times pooled per mode)."""
+    installed_kernels_first()  # before transformers, when run from a checkout
     import torch
     import transformers
 
@@ -88,13 +98,19 @@ def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
     pooled = {kind: ([], 0.0) for kind, _ in modes}
     for kind, assistant in modes:
         _generate(target_model, prompts[0], WARMUP_TOKENS, assistant)
+    bar = progress(total=repeats * len(modes) * len(prompts), desc="HF requests", unit="req",
+                   quiet=quiet)
     for _ in range(repeats):
         for kind, assistant in modes:
+            bar.set_postfix_str(kind)
             start = time.perf_counter()
-            samples = [_timed(target_model, i, p, max_new_tokens, assistant)
-                       for i, p in enumerate(prompts)]
+            samples = []
+            for i, p in enumerate(prompts):
+                samples.append(_timed(target_model, i, p, max_new_tokens, assistant))
+                bar.update(1)
             pooled[kind] = (pooled[kind][0] + samples,
                             pooled[kind][1] + time.perf_counter() - start)
+    bar.close()
     runs = []
     for kind, (samples, wall) in pooled.items():
         run = summarise("hf", kind, draft.name if kind == HF_ASSISTED else "", 1, samples, wall)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from loadtest.bench_results import BenchRow, OutputCheck, Ratio
+from specmesh.loadtest.bench_results import BenchRow, OutputCheck, Ratio
 
 HEADER = ("mode", "conc", "reqs", "tokens/s", "lat p50 s", "lat p95 s", "TTFT p50 s",
           "acc/round", "tok/round")

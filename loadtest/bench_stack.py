@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import LocalStack
-from clients.types import GenerationParams
-from loadtest.bench_results import SPEC, TARGET, ModeRun, RequestSample, summarise
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.local_stack import LocalStack
+from specmesh.clients.types import GenerationParams
+from specmesh.loadtest.bench_results import SPEC, TARGET, ModeRun, RequestSample, summarise
+from specmesh.wire.progress import progress
 from specmesh.wire.tree_spec import TreeSpec
 
 WARMUP_TOKENS = 8
@@ -75,8 +76,9 @@ async def timed_request(client: AsyncSpecMeshClient, prompt_index: int, prompt_i
 
 
 async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[list[int]],
-                    concurrency: int, num_requests: int,
-                    max_new_tokens: int) -> tuple[list[RequestSample], float]:
+                    concurrency: int, num_requests: int, max_new_tokens: int,
+                    done: Callable[[], object] = lambda: None,
+                    ) -> tuple[list[RequestSample], float]:
     """`num_requests` requests (prompt i for request i), `concurrency` in flight at a time
     (closed loop: each worker starts its next request when the last one ends).
     Returns the samples and the wall time of the whole level."""
@@ -87,6 +89,7 @@ async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[
     async def worker() -> None:
         for i in todo:
             samples.append(await timed_request(client, i, prompts[i], params))
+            done()
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -96,7 +99,8 @@ async def run_level(client: AsyncSpecMeshClient, mode: StackMode, prompts: list[
 async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
                     concurrencies: list[int], specs: list[SpecConfig], max_new_tokens: int,
                     num_prompts: int, repeats: int, log: Callable[[str], None],
-                    temperature: float = 0.0, top_p: float = 1.0) -> list[ModeRun]:
+                    temperature: float = 0.0, top_p: float = 1.0,
+                    quiet: bool = False) -> list[ModeRun]:
     """Every mode at every concurrency. A level runs max(c, num_prompts) requests; concurrency
     is the outer loop and the modes alternate `repeats` times within it, so a noisy stretch of
     time hits the modes being compared alike (their requests and wall times are pooled)."""
@@ -104,19 +108,25 @@ async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[lis
         StackMode(SPEC, s, temperature, top_p) for s in specs]
     runs = []
     log(f"starting stack: target {target.name}, draft {draft.name}")
-    async with LocalStack(target, draft) as stack, \
+    total = repeats * len(modes) * sum(max(c, num_prompts) for c in concurrencies)
+    async with LocalStack(target, draft, quiet=quiet) as stack, \
             AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr) as client:
+        bar = progress(total=total, desc="specmesh requests", unit="req", quiet=quiet)
         for mode in modes:  # warm-up: one short request per mode
             await timed_request(client, 0, prompts[0], mode.params(WARMUP_TOKENS))
         for c in concurrencies:
             pooled = {mode: ([], 0.0) for mode in modes}  # mode -> (samples, wall_s)
             for _ in range(repeats):
                 for mode in modes:
+                    bar.set_postfix_str(f"c={c} {mode.kind} {mode.tree}".strip())
                     samples, wall = await run_level(client, mode, prompts, c,
-                                                    max(c, num_prompts), max_new_tokens)
+                                                    max(c, num_prompts), max_new_tokens,
+                                                    lambda: bar.update(1))
                     pooled[mode] = (pooled[mode][0] + samples, pooled[mode][1] + wall)
             for mode, (samples, wall) in pooled.items():
                 run = summarise("specmesh", mode.kind, mode.tree, c, samples, wall)
+                bar.clear()
                 log(f"{run.row.label}: {len(samples)} requests, {run.row.tokens_per_s:.1f} tok/s")
                 runs.append(run)
+        bar.close()
     return runs

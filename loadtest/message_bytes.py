@@ -1,6 +1,6 @@
 """Bytes of a ProposeResponse per round (tree + sparse fp16 draft distributions).
 
-    python -m loadtest.message_bytes [--draft DIR]
+    python -m specmesh.loadtest.message_bytes [--draft DIR]
 
 Compares against what dense fp32 distributions over the whole vocabulary would cost.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from draft_service.engine import DraftEngine, ProposeItem
-from kernels import load_model
-from kernels.sampling import SamplingConfig
-from model_service.config import EngineConfig
+from specmesh.draft_service.engine import DraftEngine, ProposeItem
+from specmesh.kernels import load_model
+from specmesh.kernels.sampling import SamplingConfig
+from specmesh.model_service.config import EngineConfig
 from specmesh.v1 import common_pb2, draft_pb2
 from specmesh.wire.codec import encode_sparse
 from specmesh.wire.tree_spec import TreeSpec

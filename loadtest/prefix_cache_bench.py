@@ -1,6 +1,6 @@
 """Prefix-KV cache on vs off, and result-cache hit vs a fresh generation, through local stacks.
 
-    python -m loadtest.prefix_cache_bench [--target DIR] [--draft DIR] [--reps 3]
+    python -m specmesh.loadtest.prefix_cache_bench [--target DIR] [--draft DIR] [--reps 3]
 
 Two LocalStacks of the pair (default: the stand-in pair) run side by side: cache off, and cache
 on (embedded redis-server + cache service). Each serves, one request at a time:
@@ -27,11 +27,11 @@ import time
 
 import numpy as np
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import LocalStack
-from clients.models import resolve_pair
-from clients.result_cache import ResultCache
-from clients.types import GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.local_stack import LocalStack
+from specmesh.clients.models import resolve_pair
+from specmesh.clients.result_cache import ResultCache
+from specmesh.clients.types import GenerationParams
 from specmesh.wire.cache_client import CacheClient
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -106,7 +106,7 @@ def summary(mode: str, runs: list[tuple[float, float, list[int]]]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.prefix_cache_bench",
+    p = argparse.ArgumentParser(prog="python -m specmesh.loadtest.prefix_cache_bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help="target model folder (default: stand-in)")
     p.add_argument("--draft", default=None, help="draft model folder (default: stand-in)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from specmesh.wire.config_args import add_dataclass_args, from_args
+from specmesh.wire.security import Security
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -69,6 +70,9 @@ class ModelServiceConfig:
     prefix_chunk_size: int = 16
     """Tokens per prefix-KV chunk in the cache (part of every chunk key: the draft and verify
     services of one deployment should agree, though each model has its own keys anyway)."""
+    security: Security = field(default_factory=Security)
+    """TLS, tokens and the cache HMAC key (flags --tls-cert, --token-file, ...; see
+    specmesh.wire.security)."""
 
     def __post_init__(self):
         if self.max_message_mb <= 0:

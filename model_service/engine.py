@@ -8,12 +8,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kernels.loader import LoadedModel
-from kernels.runner import ModelRunner
-from model_service.config import EngineConfig
-from model_service.prefix_kv import export_prefix, num_prefix_tokens
-from model_service.sequences import SequenceStore
 from specmesh.errors import InvalidRequest
+from specmesh.kernels.loader import LoadedModel
+from specmesh.kernels.runner import ModelRunner
+from specmesh.model_service.config import EngineConfig
+from specmesh.model_service.prefix_kv import export_prefix, num_prefix_tokens
+from specmesh.model_service.sequences import SequenceStore
 
 T = TypeVar("T")
 

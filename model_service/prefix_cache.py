@@ -29,6 +29,7 @@ import numpy as np
 
 from specmesh.wire.cache_client import CacheClient
 from specmesh.wire.metrics import ServiceMetrics
+from specmesh.wire.security import Security
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -149,8 +150,10 @@ class PrefixCache:
 
 def make_prefix_cache(cache_addr: str | None, fingerprint: str, chunk_size: int,
                       export: ExportChunks,
-                      metrics: ServiceMetrics | None = None) -> PrefixCache | None:
+                      metrics: ServiceMetrics | None = None,
+                      security: Security | None = None) -> PrefixCache | None:
     """A PrefixCache for a service configured with `cache_addr`; None when it has none."""
     if not cache_addr:
         return None
-    return PrefixCache(CacheClient(cache_addr), fingerprint, chunk_size, export, metrics)
+    return PrefixCache(CacheClient(cache_addr, security=security), fingerprint, chunk_size,
+                       export, metrics)

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kernels.kv_transfer import export_chunks, import_chunks
-from model_service.sequences import SequenceStore, SyncedStep
+from specmesh.kernels.kv_transfer import export_chunks, import_chunks
+from specmesh.model_service.sequences import SequenceStore, SyncedStep
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.kv_cache import NoRoom, PagedKVCache
-from kernels.loader import LoadedModel
-from model_service.config import EngineConfig
-from specmesh.errors import InvalidRequest, UnknownSequence
+from specmesh.errors import OWNER_SEP, InvalidRequest, UnknownSequence
+from specmesh.kernels.kv_cache import NoRoom, PagedKVCache
+from specmesh.kernels.loader import LoadedModel
+from specmesh.model_service.config import EngineConfig
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SequenceStore:
     def sync(self, seq_id: str, num_cached: int, new_tokens: list[int],
              field_prefix: str = "header") -> SyncedStep:
         """Truncate to `num_cached` and return the causal tokens to run (validated)."""
-        if not seq_id:
+        if not seq_id.rpartition(OWNER_SEP)[2]:  # the caller's id (services scope it: owner)
             raise InvalidRequest(f"{field_prefix}.sequence_id", "must not be empty")
         if num_cached < 0:
             raise InvalidRequest(f"{field_prefix}.num_cached_tokens", f"{num_cached} is negative")

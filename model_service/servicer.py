@@ -6,24 +6,26 @@ A service's servicer adds only its proto <-> engine conversions:
     class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         release_reply = draft_pb2.ReleaseResponse
         async def Propose(self, request, context):
-            item, result = await self.run_one(request, to_item)
+            item, result = await self.run_one(request, context, to_item)
             return self._response(result)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kernels.sampling import InvalidSampling, SamplingConfig
-from model_service.batcher import DynamicBatcher
-from model_service.engine import SequenceEngine
-from model_service.prefix_cache import PrefixCache
-from specmesh.errors import InvalidRequest
+from specmesh.errors import OWNER_SEP, InvalidRequest
+from specmesh.kernels.sampling import InvalidSampling, SamplingConfig
+from specmesh.model_service.batcher import DynamicBatcher
+from specmesh.model_service.engine import SequenceEngine
+from specmesh.model_service.prefix_cache import PrefixCache
 from specmesh.v1 import common_pb2
 from specmesh.wire.batch_rpc import run_items
 from specmesh.wire.codec import model_info
 from specmesh.wire.metrics import ServiceMetrics
+from specmesh.wire.security import caller_identity
 
 
 def sampling_config(msg: common_pb2.SamplingParams) -> tuple[SamplingConfig, int | None]:
@@ -38,6 +40,18 @@ def sampling_config(msg: common_pb2.SamplingParams) -> tuple[SamplingConfig, int
     return config, (msg.seed if msg.HasField("seed") else None)
 
 
+def scope(owner: str, seq_id: str) -> str:
+    """The id a service keeps a sequence under: bound to the identity that created it, so
+    another caller naming the same id (Release, finished ids, a Verify that would recreate it)
+    reaches a different sequence, never this one."""
+    return f"{owner}{OWNER_SEP}{seq_id}"
+
+
+def owned(item, owner: str):
+    """`item` with its sequence id scoped to `owner`."""
+    return dataclasses.replace(item, seq_id=scope(owner, item.seq_id))
+
+
 class ModelServicer:
     """Engine work goes through `worker` (one thread, batched); proto handling stays here."""
 
@@ -50,26 +64,31 @@ class ModelServicer:
         self.metrics = metrics
         self.prefix = prefix  # prefix KV through the cache service; None = off
 
-    async def run_one(self, request, to_item: Callable[[Any], Any]) -> tuple[Any, Any]:
+    async def run_one(self, request, context, to_item: Callable[[Any], Any]
+                      ) -> tuple[Any, Any]:
         """A single-item RPC: decode, free the finished sequences it names, run; (item, result)."""
-        item = to_item(request)
-        await self.release_finished(request.finished_sequence_ids)
+        owner = caller_identity(context)
+        item = owned(to_item(request), owner)
+        await self.release_finished(request.finished_sequence_ids, owner)
         return item, await self.submit(item)
 
-    async def run_batch(self, request, to_item: Callable[[Any], Any]) -> list[Any]:
+    async def run_batch(self, request, context, to_item: Callable[[Any], Any]) -> list[Any]:
         """A batched RPC: one outcome (result or exception) per item, in order."""
-        await self.release_finished(request.finished_sequence_ids)
-        return await run_items(request.requests, to_item, self.submit)
+        owner = caller_identity(context)
+        await self.release_finished(request.finished_sequence_ids, owner)
+        return await run_items(request.requests, lambda req: owned(to_item(req), owner),
+                               self.submit)
 
     async def submit(self, item):
         if self.prefix is None:
             return await self.worker.submit(item)
         return await self.prefix.submit(self.worker.submit, item)
 
-    async def release_finished(self, seq_ids: Sequence[str]) -> int:
+    async def release_finished(self, seq_ids: Sequence[str], owner: str) -> int:
+        """Free the caller's own sequences among `seq_ids` (another caller's ids name nothing)."""
         if not seq_ids:
             return 0
-        n = await self.worker.call(self.engine.release, list(seq_ids))
+        n = await self.worker.call(self.engine.release, [scope(owner, s) for s in seq_ids])
         self.observe_state()
         return n
 
@@ -81,7 +100,8 @@ class ModelServicer:
             self.metrics.set_queue_depth(self.worker.queue_depth)
 
     async def Release(self, request, context):
-        return self.release_reply(num_released=await self.release_finished(request.sequence_ids))
+        return self.release_reply(num_released=await self.release_finished(
+            request.sequence_ids, caller_identity(context)))
 
     async def GetModelInfo(self, request, context):
         return model_info(self.engine.loaded)

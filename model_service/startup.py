@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from model_service.batcher import DynamicBatcher
-from model_service.config import ModelServiceConfig, parse_service_args
-from model_service.prefix_cache import make_prefix_cache
-from model_service.servicer import ModelServicer
+from specmesh.model_service.batcher import DynamicBatcher
+from specmesh.model_service.config import ModelServiceConfig, parse_service_args
+from specmesh.model_service.prefix_cache import make_prefix_cache
+from specmesh.model_service.servicer import ModelServicer
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
+from specmesh.wire.progress import progress
 from specmesh.wire.server import build_server, run, serve_until_signal
 
 # libgomp spins this many rounds before a thread sleeps; its default (300000, milliseconds on
@@ -66,12 +67,13 @@ async def serve(spec: ServiceSpec, config: ModelServiceConfig) -> None:
     metrics = ServiceMetrics(spec.short_name)
     if config.metrics_port is not None:
         port = start_metrics_server(config.metrics_port, metrics, config.metrics_host)
-        print(f"metrics on :{port}/metrics", flush=True)
+        print(f"metrics on http://{config.metrics_host}:{port}/metrics", flush=True)
     proxy = ServicerProxy()
     server = await build_server([(spec.add_to_server, proxy)], [spec.full_name],
                                 port=config.port, host=config.host,
                                 interceptors=[MetricsInterceptor(metrics)],
-                                max_message_bytes=int(config.max_message_mb * (1 << 20)))
+                                max_message_bytes=int(config.max_message_mb * (1 << 20)),
+                                security=config.security)
     await server.start()
     print(f"{spec.full_name} listening on {config.host}:{server.port}", flush=True)
     proxy.target = await build_servicer(spec, config, metrics)
@@ -85,15 +87,16 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     """Load the model and build the engine on the batcher's one thread, where every forward
     runs: all torch work of the process on one thread (a second thread's OpenMP team put
     libgomp in throttled-spin mode, ~1.5x slower). Then wrap it in the servicer."""
-    from kernels import load_for_service  # torch loads here, after tune_openmp()
+    from specmesh.kernels import load_for_service  # torch loads here, after tune_openmp()
 
     engine = None
     worker = make_batcher(lambda items: spec.run_batch(engine, items), config, metrics)
     loaded = await worker.call(load_for_service, config.model, config.dtype, config.device,
-                               config.threads, config.batch_invariant)
+                               config.threads, config.batch_invariant, progress)
     engine = await worker.call(spec.engine, loaded, config.engine)
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
-                               lambda *args: worker.call(engine.export_prefix, *args), metrics)
+                               lambda *args: worker.call(engine.export_prefix, *args), metrics,
+                               config.security)
     return spec.servicer(engine, worker, prefix, metrics)
 
 

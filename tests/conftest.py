@@ -11,8 +11,15 @@ import time
 
 import pytest
 
+from specmesh.loadtest.hf_import import installed_kernels_first
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO.parent / "shared" / "models"
+
+# the root's kernels/ must not shadow Hugging Face's `kernels` (transformers imports it); child
+# processes skip the working directory altogether
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+installed_kernels_first()
 
 TINY_TARGET = "stories260K"
 TINY_DRAFT = "stories260K-draft2L"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import pathlib
 
-from draft_service.__main__ import SPEC as DRAFT
-from model_service.config import ModelServiceConfig
-from model_service.startup import build_servicer
+from specmesh.draft_service.__main__ import SPEC as DRAFT
+from specmesh.model_service.config import ModelServiceConfig
+from specmesh.model_service.startup import build_servicer
+from specmesh.verify_service.__main__ import SPEC as VERIFY
 from specmesh.wire.server import build_server
-from verify_service.__main__ import SPEC as VERIFY
 
 
 @contextlib.asynccontextmanager
@@ -19,7 +19,8 @@ async def model_server(kind: str, model: pathlib.Path, **config):
     spec = DRAFT if kind == "draft" else VERIFY
     servicer = await build_servicer(spec, cfg)
     server = await build_server([(spec.add_to_server, servicer)], [spec.full_name], port=0,
-                                max_message_bytes=int(cfg.max_message_mb * (1 << 20)))
+                                max_message_bytes=int(cfg.max_message_mb * (1 << 20)),
+                                security=cfg.security)
     await server.start()
     await server.set_serving(True)
     try:

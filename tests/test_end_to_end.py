@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.async_client import AsyncSpecMeshClient
 from tests.conftest import TINY_DRAFT, TINY_TARGET, WIDE_DRAFT, WIDE_TARGET
 from tests.stack import spec_stack
 

@@ -10,9 +10,9 @@ import signal
 
 import pytest
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import LocalStack, ServiceProcess
-from clients.types import GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.local_stack import LocalStack, ServiceProcess
+from specmesh.clients.types import GenerationParams
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 

@@ -18,10 +18,17 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as FD
 
-from cache_service.__main__ import start_server as start_cache
-from cache_service.config import CacheServiceConfig
-from specmesh.v1 import (cache_pb2, cache_pb2_grpc, common_pb2, draft_pb2, draft_pb2_grpc,
-                         verify_pb2, verify_pb2_grpc)
+from specmesh.cache_service.__main__ import start_server as start_cache
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    common_pb2,
+    draft_pb2,
+    draft_pb2_grpc,
+    verify_pb2,
+    verify_pb2_grpc,
+)
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import model_server
 

@@ -8,7 +8,7 @@ import re
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cache_service.stats import CacheStats, StatsCollector
+from specmesh.cache_service.stats import CacheStats, StatsCollector
 from specmesh.wire.metrics import ServiceMetrics
 from tests.conftest import REPO
 

@@ -18,15 +18,28 @@ def package_files(pkg: str) -> list[pathlib.Path]:
     return [p for p in root.rglob("*.py")]
 
 
-def imported_tops(path: pathlib.Path) -> set[str]:
+def layer_of(module: str) -> str:
+    """`specmesh.kernels.model` -> "kernels"; `specmesh.wire.x` -> "specmesh" (the contract);
+    anything else -> its top-level name (`torch`, `grpc`, or a bare `kernels` that must not be)."""
+    parts = module.split(".")
+    if parts[0] == "specmesh" and len(parts) > 1 and parts[1] in OURS:
+        return parts[1]
+    return parts[0]
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    tops = set()
+    mods = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            tops |= {a.name.split(".")[0] for a in node.names}
+            mods |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            tops.add(node.module.split(".")[0])
-    return tops
+            mods.add(node.module)
+    return mods
+
+
+def imported_tops(path: pathlib.Path) -> set[str]:
+    return {layer_of(m) for m in imported_modules(path)}
 
 
 def forbidden_for(pkg: str, path: pathlib.Path) -> set[str]:
@@ -54,8 +67,8 @@ def test_the_contract_root_reexports_the_user_api_lazily():
     import sys
 
     code = ("import sys, specmesh, specmesh.v1.verify_pb2, specmesh.wire.errors; "
-            "assert not any(m.split('.')[0] in ('clients', 'torch') for m in sys.modules), "
-            "sorted(m for m in sys.modules if m.split('.')[0] in ('clients', 'torch')); "
+            "heavy = [m for m in sys.modules if m.startswith(('specmesh.clients', 'torch'))]; "
+            "assert not heavy, sorted(heavy); "
             "from specmesh import AsyncClient, Client, GenerationParams, launch; "
             "assert GenerationParams().max_new_tokens > 0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -68,6 +81,20 @@ def test_import_rules(pkg):
     bad = []
     for path in package_files(pkg):
         found = imported_tops(path) & forbidden_for(pkg, path)
+        if found:
+            bad.append(f"{path.relative_to(REPO)} imports {sorted(found)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_layers_are_imported_through_the_specmesh_namespace():
+    """`kernels`, `clients`, ... exist only as `specmesh.kernels`, `specmesh.clients`, ...: a bare
+    `from kernels import x` would load a second copy (or Hugging Face's `kernels` package)."""
+    bare = OURS - {"specmesh"}
+    bad = []
+    for path in sorted(REPO.rglob("*.py")):
+        if ".git" in path.parts:
+            continue
+        found = {m for m in imported_modules(path) if m.split(".")[0] in bare}
         if found:
             bad.append(f"{path.relative_to(REPO)} imports {sorted(found)}")
     assert not bad, "\n".join(bad)

@@ -13,8 +13,8 @@ import time
 import grpc
 import pytest
 
-from cache_service.__main__ import start_server as start_cache
-from cache_service.config import CacheServiceConfig
+from specmesh.cache_service.__main__ import start_server as start_cache
+from specmesh.cache_service.config import CacheServiceConfig
 from specmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, verify_pb2, verify_pb2_grpc
 from specmesh.wire.server import CHANNEL_OPTIONS
 from tests.conftest import TINY_TARGET

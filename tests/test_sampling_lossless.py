@@ -14,13 +14,13 @@ import pytest
 import torch
 from scipy import stats
 
-from draft_service.engine import DraftEngine, ProposeItem
-from kernels import load_model
-from kernels.sampling import SamplingConfig
-from model_service.config import EngineConfig
+from specmesh.draft_service.engine import DraftEngine, ProposeItem
+from specmesh.kernels import load_model
+from specmesh.kernels.sampling import SamplingConfig
+from specmesh.model_service.config import EngineConfig
+from specmesh.verify_service.engine import VerifyEngine, VerifyItem
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT, TINY_TARGET
-from verify_service.engine import VerifyEngine, VerifyItem
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
 PROMPT = [1, 385, 328, 432, 261]  # "One day, a": a high-entropy next token

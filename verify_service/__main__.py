@@ -1,13 +1,13 @@
-"""python -m verify_service --model DIR [--port P] ... (also `specmesh serve verify`)."""
+"""python -m specmesh.verify_service --model DIR [--port P] ... (also `specmesh serve verify`)."""
 
-from model_service.startup import tune_openmp
+from specmesh.model_service.startup import tune_openmp
 
 tune_openmp()  # before torch loads
 
-from model_service.startup import ServiceSpec, main  # noqa: E402
+from specmesh.model_service.startup import ServiceSpec, main  # noqa: E402
 from specmesh.v1 import verify_pb2, verify_pb2_grpc  # noqa: E402
-from verify_service.engine import VerifyEngine  # noqa: E402
-from verify_service.servicer import VerifyServicer  # noqa: E402
+from specmesh.verify_service.engine import VerifyEngine  # noqa: E402
+from specmesh.verify_service.servicer import VerifyServicer  # noqa: E402
 
 SPEC = ServiceSpec("specmesh serve verify", verify_pb2, "VerifyService",
                    verify_pb2_grpc.add_VerifyServiceServicer_to_server, VerifyEngine,

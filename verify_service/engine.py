@@ -12,22 +12,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.attention_metadata import MAX_TREE_NODES
-from kernels.loader import LoadedModel
-from kernels.runner import ForwardItem
-from kernels.sampling import (
+from specmesh.errors import CapacityExhausted, InvalidRequest
+from specmesh.kernels.attention_metadata import MAX_TREE_NODES
+from specmesh.kernels.loader import LoadedModel
+from specmesh.kernels.runner import ForwardItem
+from specmesh.kernels.sampling import (
     Acceptance,
     SamplingConfig,
     greedy_accept,
     tree_rejection_sample,
     warp_logits_to_probs,
 )
-from kernels.seeding import round_generator
-from kernels.tree import TreeBuffers, compile_tree
-from model_service.config import EngineConfig
-from model_service.engine import SequenceEngine, SequenceItem
-from model_service.prefix_kv import seed_prefix
-from specmesh.errors import CapacityExhausted, InvalidRequest
+from specmesh.kernels.seeding import round_generator
+from specmesh.kernels.tree import TreeBuffers, compile_tree
+from specmesh.model_service.config import EngineConfig
+from specmesh.model_service.engine import SequenceEngine, SequenceItem
+from specmesh.model_service.prefix_kv import seed_prefix
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from model_service.servicer import ModelServicer, sampling_config
+from specmesh.model_service.servicer import ModelServicer, sampling_config
 from specmesh.v1 import verify_pb2, verify_pb2_grpc
+from specmesh.verify_service.engine import VerifyItem, VerifyResult
 from specmesh.wire.batch_rpc import item_error
 from specmesh.wire.codec import decode_sparse
 from specmesh.wire.errors import InvalidRequest
-from verify_service.engine import VerifyItem, VerifyResult
 
 
 def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
@@ -40,12 +40,12 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
     release_reply = verify_pb2.VerifyReleaseResponse
 
     async def Verify(self, request, context):
-        item, result = await self.run_one(request, to_item)
+        item, result = await self.run_one(request, context, to_item)
         return self._response(result, len(item.tree_tokens))
 
     async def VerifyBatch(self, request, context):
         """Every item of a client's round; one batched forward, outcomes item by item."""
-        outcomes = await self.run_batch(request, to_item)
+        outcomes = await self.run_batch(request, context, to_item)
         return verify_pb2.VerifyBatchResponse(results=[
             verify_pb2.VerifyResult(error=item_error(out)) if isinstance(out, BaseException)
             else verify_pb2.VerifyResult(response=self._response(out, len(req.tree.tokens)))

@@ -1,16 +1,17 @@
 """specmesh: speculative decoding as gRPC services.
 
-    from specmesh import Client, AsyncClient, GenerationParams, launch
+    from specmesh import Client, AsyncClient, GenerationParams, launch, Security
 
 The user API is re-exported lazily (importing the contract, `specmesh.v1` / `specmesh.wire`,
 stays light: no client, no torch)."""
 
 _EXPORTS = {
-    "AsyncClient": "clients.facade",
-    "Client": "clients.facade",
-    "launch": "clients.facade",
-    "GenerationParams": "clients.types",
-    "GenerationResult": "clients.types",
+    "AsyncClient": "specmesh.clients.facade",
+    "Client": "specmesh.clients.facade",
+    "launch": "specmesh.clients.facade",
+    "GenerationParams": "specmesh.clients.types",
+    "GenerationResult": "specmesh.clients.types",
+    "Security": "specmesh.wire.security",
 }
 
 __all__ = sorted(_EXPORTS)

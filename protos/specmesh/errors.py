@@ -26,6 +26,9 @@ class InvalidRequest(SpecMeshError):
         self.problem = problem
 
 
+OWNER_SEP = "\x00"  # services keep a sequence as OWNER + OWNER_SEP + the caller's id
+
+
 class UnknownSequence(SpecMeshError):
     """The service holds no state for this sequence id (never seen, released or evicted)."""
 
@@ -33,6 +36,7 @@ class UnknownSequence(SpecMeshError):
 
     @classmethod
     def for_id(cls, seq_id: str, field: str = "header.sequence_id") -> "UnknownSequence":
+        seq_id = seq_id.rpartition(OWNER_SEP)[2]  # the caller's own id, not its owner scope
         return cls(f"{field}: unknown sequence {seq_id!r} (never seen, released or evicted); "
                    "resend with num_cached_tokens=0")
 
@@ -49,6 +53,18 @@ class NotReady(SpecMeshError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(SpecMeshError):
+    """No bearer token, or one the service does not know (or a TLS identity it rejects)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SpecMeshError):
+    """The caller's role may not make this call (e.g. a client token writing the cache)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class RemoteError(SpecMeshError):
     """A failed call whose status has no class of its own (client side); `code` is its name."""
 
@@ -58,4 +74,5 @@ class RemoteError(SpecMeshError):
 
 
 BY_CODE: dict[str, type[SpecMeshError]] = {
-    cls.code: cls for cls in (InvalidRequest, UnknownSequence, CapacityExhausted, NotReady)}
+    cls.code: cls for cls in (InvalidRequest, UnknownSequence, CapacityExhausted, NotReady,
+                              Unauthenticated, PermissionDenied)}

@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from cache_service import codec
-from cache_service.codec import CachedResult, RejectedEntry
+from specmesh.cache_service import codec
+from specmesh.cache_service.codec import CachedResult, RejectedEntry
 
 FP = "model-a"
 

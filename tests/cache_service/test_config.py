@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache_service.config import CacheServiceConfig, parse_args
+from specmesh.cache_service.config import CacheServiceConfig, parse_args
 
 
 def test_config_flags_match_the_dataclass():

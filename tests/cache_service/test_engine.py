@@ -8,13 +8,13 @@ import fakeredis
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cache_service import codec
-from cache_service.codec import CachedResult
-from cache_service.config import CacheServiceConfig
-from cache_service.engine import CacheEngine
-from cache_service.keys import ResultKeyFields
-from cache_service.stats import StatsCollector
-from cache_service.store import RedisStore
+from specmesh.cache_service import codec
+from specmesh.cache_service.codec import CachedResult
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.cache_service.engine import CacheEngine
+from specmesh.cache_service.keys import ResultKeyFields
+from specmesh.cache_service.stats import StatsCollector
+from specmesh.cache_service.store import RedisStore
 
 FP = "fp"
 CONFIG = CacheServiceConfig(max_chunk_bytes=4096, max_result_bytes=64, redis_timeout_s=0.05,
@@ -103,8 +103,8 @@ def test_prometheus_view():
     registry = CollectorRegistry()
     registry.register(StatsCollector(engine.stats))
     text = generate_latest(registry).decode()
-    assert 'specmesh_cache_hits_total{kind="prefix"} 3.0' in text
-    assert "specmesh_cache_errors_total 2.0" in text
-    assert 'specmesh_cache_chunks_rejected_total{reason="checksum"} 1.0' in text
-    assert 'specmesh_cache_request_seconds_bucket{le="0.0025",op="lookup_prefix"} 1.0' in text
-    assert 'specmesh_cache_request_seconds_count{op="lookup_prefix"} 1.0' in text
+    assert 'specmesh_cache_hits_total{kind="prefix",service="cache"} 3.0' in text
+    assert 'specmesh_cache_errors_total{service="cache"} 2.0' in text
+    assert 'specmesh_cache_chunks_rejected_total{reason="checksum",service="cache"} 1.0' in text
+    assert 'specmesh_cache_request_seconds_bucket{le="0.0025",op="lookup_prefix",service="cache"} 1.0' in text
+    assert 'specmesh_cache_request_seconds_count{op="lookup_prefix",service="cache"} 1.0' in text

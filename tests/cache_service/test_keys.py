@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache_service.keys import ResultKeyFields, chunk_keys, is_key, result_key
+from specmesh.cache_service.keys import ResultKeyFields, chunk_keys, is_key, result_key
 
 FP = "fingerprint-a"
 CHUNK = 4

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from cache_service import codec
-from cache_service.__main__ import start_server
-from cache_service.config import CacheServiceConfig
-from cache_service.keys import chunk_keys
-from cache_service.store import payload_key
+from specmesh.cache_service import codec
+from specmesh.cache_service.__main__ import start_server
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.cache_service.keys import chunk_keys
+from specmesh.cache_service.store import payload_key
 from specmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from specmesh.wire.cache_client import CacheClient, PrefixHit, result_key
 from specmesh.wire.server import CHANNEL_OPTIONS
@@ -290,10 +290,12 @@ async def test_command_line_serves_and_exports_metrics(redis_server):
 
     metrics_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cache_service", "--redis-url", redis_server.url, "--port", "0",
+        [sys.executable, "-m", "specmesh.cache_service", "--redis-url", redis_server.url, "--port", "0",
          "--metrics-port", str(metrics_port), "--chunk-ttl-s", "60"],
         stdout=subprocess.PIPE, text=True)
     try:
+        first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert first.strip() == f"metrics on http://127.0.0.1:{metrics_port}/metrics"
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         assert " listening on 127.0.0.1:" in line
         address = line.split()[-1]
@@ -304,8 +306,9 @@ async def test_command_line_serves_and_exports_metrics(redis_server):
             assert (await client.lookup_prefix(FP, tokens, CHUNK)).num_tokens == 8
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
-        assert 'specmesh_cache_hits_total{kind="prefix"} 1.0' in text
-        assert 'specmesh_cache_chunks_total{outcome="written"} 2.0' in text
+        assert 'specmesh_cache_hits_total{kind="prefix",service="cache"} 1.0' in text
+        assert 'specmesh_cache_chunks_total{outcome="written",service="cache"} 2.0' in text
+        assert 'method="CacheService/PutChunks"' in text  # RPC metrics, as every service
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
@@ -313,7 +316,7 @@ async def test_command_line_serves_and_exports_metrics(redis_server):
 
 
 async def test_long_lookups_are_bounded_and_hashed_off_the_loop(cache):
-    from cache_service.engine import MAX_TOKENS
+    from specmesh.cache_service.engine import MAX_TOKENS
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await cache.stub.LookupPrefix(cache_pb2.LookupPrefixRequest(
@@ -323,7 +326,7 @@ async def test_long_lookups_are_bounded_and_hashed_off_the_loop(cache):
     # a long legal lookup is hashed on a worker thread, a short one on the loop's thread
     import threading
 
-    from cache_service import engine as engine_module
+    from specmesh.cache_service import engine as engine_module
 
     threads = []
     real = engine_module.keys.chunk_keys

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from clients.adaptive import AdaptiveConfig, AdaptiveSpeculation, LinearCost, expected_tokens
+from specmesh.clients.adaptive import (
+    AdaptiveConfig,
+    AdaptiveSpeculation,
+    LinearCost,
+    expected_tokens,
+)
 
 
 def policy(**kw) -> AdaptiveSpeculation:

@@ -57,3 +57,42 @@ def test_max_new_tokens_limits_match_the_gateway(models, value):
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert "max_new_tokens" in out.stderr and "[1, 4096]" in out.stderr, out.stderr
+
+
+def test_up_prints_and_serves_every_services_metrics(models):
+    """`specmesh up --metrics-port 0`: one metrics URL per service, printed; each parses as
+    Prometheus text, every series labelled with its own service."""
+    import shutil
+    import signal
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from specmesh import Client
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not on PATH")
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
+    proc = subprocess.Popen(["specmesh", "up", "--port", "0", "--http-port", "0",
+                             "--metrics-port", "0", "--target", str(models / TINY_TARGET),
+                             "--draft", str(models / TINY_DRAFT)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        urls = json.loads(proc.stdout.readline())
+        with Client(urls["gateway"]) as client:
+            assert client.generate("Once upon a time", max_new_tokens=8).token_ids
+        metrics = urls["metrics"]
+        assert set(metrics) == {"gateway", "verify", "draft", "cache"}
+        for service, url in metrics.items():
+            assert url.startswith("http://127.0.0.1:")
+            text = urllib.request.urlopen(url, timeout=30).read().decode()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            labelled = [s for f in families.values() for s in f.samples
+                        if f.name.startswith("specmesh_")]
+            assert labelled and {s.labels.get("service") for s in labelled} == {service}
+            assert "specmesh_request_latency_seconds" in families, service
+            if service == "cache":  # and the cache's own families
+                assert "specmesh_cache_hits" in families
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

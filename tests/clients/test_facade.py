@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from clients.gateway import start_gateway
 from specmesh import AsyncClient, Client, GenerationParams, launch
+from specmesh.clients.gateway import start_gateway
 from specmesh.errors import InvalidRequest
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import spec_stack

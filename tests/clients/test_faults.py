@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.types import GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.types import GenerationParams
 from specmesh.wire.errors import SpecMeshError
 from tests.conftest import TINY_TARGET
 from tests.stack import model_server

@@ -9,7 +9,7 @@ import sys
 import grpc
 import pytest
 
-from clients.gateway import start_gateway
+from specmesh.clients.gateway import start_gateway
 from specmesh.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from tests.conftest import REPO, TINY_DRAFT, TINY_TARGET
 from tests.stack import spec_stack

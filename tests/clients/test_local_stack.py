@@ -10,9 +10,9 @@ import socket
 
 import pytest
 
-from clients import local_stack
-from clients.async_client import AsyncSpecMeshClient
-from clients.local_stack import EmbeddedRedis, LocalStack
+from specmesh.clients import local_stack
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.local_stack import EmbeddedRedis, LocalStack
 from specmesh.wire.cache_client import CacheClient
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 
@@ -60,7 +60,7 @@ async def test_stack_with_embedded_cache(models):
 @pytest.mark.models
 async def test_no_redis_server_means_no_cache(models, monkeypatch, caplog):
     monkeypatch.setattr(local_stack.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="clients.local_stack"):
+    with caplog.at_level(logging.WARNING, logger="specmesh.clients.local_stack"):
         async with LocalStack(models / TINY_TARGET, None, cache=True) as stack:
             assert stack.cache_addr is None and list(stack.services) == ["verify"]
     assert "redis-server not found" in caplog.text
@@ -91,7 +91,7 @@ async def test_service_output_readers_leave_the_default_executor_free(models):
 
 HOLDER = """
 import asyncio, os, sys
-from clients.local_stack import LocalStack
+from specmesh.clients.local_stack import LocalStack
 async def main():
     async with LocalStack(sys.argv[1], sys.argv[2]) as stack:
         print(" ".join(str(p.proc.pid) for p in stack.services.values()), flush=True)

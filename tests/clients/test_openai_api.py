@@ -10,9 +10,9 @@ import shutil
 import openai
 import pytest
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.chat_template import ChatTemplate
-from clients.gateway import start_gateway
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.chat_template import ChatTemplate
+from specmesh.clients.gateway import start_gateway
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import spec_stack
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clients.async_client import _params
-from clients.types import GenerationParams
+from specmesh.clients.async_client import _params
+from specmesh.clients.types import GenerationParams
 from specmesh.errors import InvalidRequest
 from specmesh.wire.tree_spec import TreeSpec
 

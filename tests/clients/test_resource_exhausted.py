@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.async_client import AsyncSpecMeshClient
 from specmesh.wire.errors import CapacityExhausted
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import model_server

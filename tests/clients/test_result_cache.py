@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from cache_service.__main__ import start_server
-from cache_service.config import CacheServiceConfig
-from clients.result_cache import ResultCache
-from clients.types import GenerationParams
+from specmesh.cache_service.__main__ import start_server
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.clients.result_cache import ResultCache
+from specmesh.clients.types import GenerationParams
 from specmesh.wire.tree_spec import TreeSpec
 
 pytestmark = pytest.mark.redis

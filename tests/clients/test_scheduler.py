@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from clients.scheduler import (
+from specmesh.clients.scheduler import (
     CommitResult,
     NewSequence,
     Scheduler,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clients.async_client import AsyncSpecMeshClient
-from clients.stops import find_stop, first_stop, visible_text
-from clients.types import GenerationParams
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.stops import find_stop, first_stop, visible_text
+from specmesh.clients.types import GenerationParams
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import spec_stack

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from draft_service.engine import DraftEngine, ProposeItem
-from kernels import load_model
-from kernels.sampling import SamplingConfig
-from model_service.config import EngineConfig
+from specmesh.draft_service.engine import DraftEngine, ProposeItem
+from specmesh.kernels import load_model
+from specmesh.kernels.sampling import SamplingConfig
+from specmesh.model_service.config import EngineConfig
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_DRAFT
 

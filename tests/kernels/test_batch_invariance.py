@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from kernels.kv_cache import PagedKVCache
-from kernels.loader import load_model
-from kernels.runner import ForwardItem, ModelRunner
-from kernels.tree import compile_tree
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.loader import load_model
+from specmesh.kernels.runner import ForwardItem, ModelRunner
+from specmesh.kernels.tree import compile_tree
 from tests.conftest import TINY_TARGET, WIDE_DRAFT
 
 pytestmark = pytest.mark.models
@@ -37,7 +37,7 @@ def last_logits(runner: ModelRunner, items: list[ForwardItem], name: str) -> tor
 
 
 def _cpu_kernels_available() -> bool:
-    from kernels import cpu_attention, cpu_linear, cpu_norm
+    from specmesh.kernels import cpu_attention, cpu_linear, cpu_norm
 
     return cpu_linear.available() and cpu_attention._library() is not None \
         and cpu_norm._library() is not None
@@ -80,8 +80,8 @@ async def test_batch_invariant_services_give_target_only_tokens_under_batching(m
     decoding of each alone, even at near ties (no arithmetic depends on batch mates)."""
     import asyncio
 
-    from clients.async_client import AsyncSpecMeshClient
-    from clients.types import GenerationParams
+    from specmesh.clients.async_client import AsyncSpecMeshClient
+    from specmesh.clients.types import GenerationParams
     from specmesh.wire.tree_spec import TreeSpec
     from tests.conftest import TINY_DRAFT
     from tests.stack import spec_stack

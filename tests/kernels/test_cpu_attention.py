@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from kernels import cpu_attention
-from kernels.attention_metadata import SequenceStep, build_metadata
-from kernels.reference import tree_attention_reference
+from specmesh.kernels import cpu_attention
+from specmesh.kernels.attention_metadata import SequenceStep, build_metadata
+from specmesh.kernels.reference import tree_attention_reference
 from tests.kernels.test_cpu_linear import _cpu_has_avx512
 
 BLOCK = 4
@@ -94,7 +94,7 @@ def test_loading_the_kernels_leaves_the_floating_point_mode_alone():
     """A library built with -ffast-math would set flush-to-zero for the whole process."""
     import numpy as np
 
-    from kernels import cpu_linear
+    from specmesh.kernels import cpu_linear
 
     cpu_attention._library(), cpu_linear.available()
     assert float(torch.tensor([1e-40]) * 1.0) != 0.0

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_linear
-from kernels.linear import attach_f16, project
+from specmesh.kernels import cpu_linear
+from specmesh.kernels.linear import attach_f16, project
 
 
 def _cpu_has_avx512() -> bool:

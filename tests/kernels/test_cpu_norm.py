@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from kernels import cpu_norm
+from specmesh.kernels import cpu_norm
 from tests.kernels.test_cpu_linear import _cpu_has_avx512
 
 

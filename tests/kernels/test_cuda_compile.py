@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from kernels import _cuda
+from specmesh.kernels import _cuda
 
 ARCHS = ["sm_80", "sm_90"]
 
@@ -80,7 +80,7 @@ def test_import_is_lazy():
     code = (
         "import sys, torch\n"
         "before = {m for m in sys.modules if m.startswith('cuda')}\n"
-        "from kernels import _cuda, tree_attention\n"
+        "from specmesh.kernels import _cuda, tree_attention\n"
         "added = {m for m in sys.modules if m.startswith('cuda')} - before\n"
         "assert not added, added\n"
         "assert _cuda.compile_program.cache_info().currsize == 0\n"
@@ -89,9 +89,9 @@ def test_import_is_lazy():
 
 
 def test_cpu_dispatch_runs_the_cpu_kernel_or_the_reference():
-    from kernels import cpu_attention
-    from kernels.reference import tree_attention_reference
-    from kernels.tree_attention import tree_attention
+    from specmesh.kernels import cpu_attention
+    from specmesh.kernels.reference import tree_attention_reference
+    from specmesh.kernels.tree_attention import tree_attention
     from tests.kernels.test_tree_attention_reference import make_batch
 
     batch = make_batch(seed=1, prefix_lens=[5], tree_sizes=[4], num_causal=[1], block_size=4,

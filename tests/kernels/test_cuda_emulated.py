@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import _cuda
-from kernels.reference import tree_attention_reference
+from specmesh.kernels import _cuda
+from specmesh.kernels.reference import tree_attention_reference
 from tests.kernels.test_cuda_kernel import TOLERANCES
 from tests.kernels.test_tree_attention_reference import make_batch
 

@@ -15,10 +15,10 @@ import warnings
 import pytest
 import torch
 
-from kernels import _cuda
-from kernels.attention_metadata import to_device
-from kernels.reference import tree_attention_reference
-from kernels.tree_attention import tree_attention
+from specmesh.kernels import _cuda
+from specmesh.kernels.attention_metadata import to_device
+from specmesh.kernels.reference import tree_attention_reference
+from specmesh.kernels.tree_attention import tree_attention
 from tests.kernels.test_tree_attention_reference import make_batch
 
 pytestmark = pytest.mark.gpu

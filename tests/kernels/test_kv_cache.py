@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from kernels.kv_cache import NoRoom, PagedKVCache
+from specmesh.kernels.kv_cache import NoRoom, PagedKVCache
 
 BS = 4  # block size
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.kv_cache import PagedKVCache
-from kernels.kv_transfer import export_chunks, import_chunks, numpy_dtype
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.kv_transfer import export_chunks, import_chunks, numpy_dtype
 
 L, HKV, D, BS = 3, 2, 4, 4
 

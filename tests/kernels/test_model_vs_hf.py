@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import load_model
-from kernels.attention_metadata import SequenceStep, build_metadata
-from kernels.kv_cache import PagedKVCache
-from kernels.runner import ForwardItem, ModelRunner
+from specmesh.kernels import load_model
+from specmesh.kernels.attention_metadata import SequenceStep, build_metadata
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.runner import ForwardItem, ModelRunner
 from tests.conftest import TINY_DRAFT, TINY_TARGET, WIDE_DRAFT, WIDE_TARGET
 
 pytestmark = pytest.mark.models

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from kernels import sampling
-from kernels.sampling import (Acceptance, SamplingConfig, greedy_accept, tree_rejection_sample,
-                              warp_logits_to_probs)
-from kernels.tree import chain_tree, compile_tree
+from specmesh.kernels import sampling
+from specmesh.kernels.sampling import (
+    Acceptance,
+    SamplingConfig,
+    greedy_accept,
+    tree_rejection_sample,
+    warp_logits_to_probs,
+)
+from specmesh.kernels.tree import chain_tree, compile_tree
 
 
 def gen(seed: int) -> torch.Generator:

@@ -8,9 +8,13 @@ import math
 import pytest
 import torch
 
-from kernels.sampling import (sample, sample_without_replacement, top_k_children,
-                              tree_rejection_sample)
-from kernels.tree import compile_tree
+from specmesh.kernels.sampling import (
+    sample,
+    sample_without_replacement,
+    top_k_children,
+    tree_rejection_sample,
+)
+from specmesh.kernels.tree import compile_tree
 
 
 def gen(seed: int) -> torch.Generator:

@@ -17,9 +17,9 @@ import pytest
 import scipy.stats
 import torch
 
-from kernels import sampling
-from kernels.sampling import sample_without_replacement, tree_rejection_sample
-from kernels.tree import TreeBuffers, compile_tree
+from specmesh.kernels import sampling
+from specmesh.kernels.sampling import sample_without_replacement, tree_rejection_sample
+from specmesh.kernels.tree import TreeBuffers, compile_tree
 
 NUM_SAMPLES = 20_000
 

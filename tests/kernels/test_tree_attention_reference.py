@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.attention_metadata import AttentionMetadata, SequenceStep, build_metadata
-from kernels.reference import tree_attention_reference
-from kernels.tree import TreeBuffers, compile_tree
+from specmesh.kernels.attention_metadata import AttentionMetadata, SequenceStep, build_metadata
+from specmesh.kernels.reference import tree_attention_reference
+from specmesh.kernels.tree import TreeBuffers, compile_tree
 
 
 def random_parents(n: int, gen: torch.Generator) -> list[int]:

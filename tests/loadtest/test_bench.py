@@ -1,4 +1,4 @@
-"""`python -m loadtest.bench`: the pure bookkeeping, then one small real run on the tiny pair."""
+"""`python -m specmesh.loadtest.bench`: the pure bookkeeping, then one small real run on the tiny pair."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ import sys
 
 import pytest
 
-from loadtest.bench import parse_specs
-from loadtest.bench_report import format_table
-from loadtest.bench_results import (HF_ASSISTED, HF_TARGET, SPEC, TARGET, ModeRun, RequestSample,
-                                    check_outputs, compute_ratios, percentile, summarise)
+from specmesh.loadtest.bench import parse_specs
+from specmesh.loadtest.bench_report import format_table
+from specmesh.loadtest.bench_results import (
+    HF_ASSISTED,
+    HF_TARGET,
+    SPEC,
+    TARGET,
+    RequestSample,
+    check_outputs,
+    compute_ratios,
+    percentile,
+    summarise,
+)
 from tests.conftest import REPO, TINY_DRAFT, TINY_TARGET
 
 
@@ -80,7 +89,7 @@ def test_bench_tiny_pair_end_to_end(models, tmp_path):
     plot = tmp_path / "bench.png"
     env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--target", str(models / TINY_TARGET),
+        [sys.executable, "-m", "specmesh.loadtest.bench", "--target", str(models / TINY_TARGET),
          "--draft", str(models / TINY_DRAFT), "--concurrency", "1,2", "--max-new-tokens", "16",
          "--num-prompts", "2", "--repeats", "2", "--json", "--plot", str(plot)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

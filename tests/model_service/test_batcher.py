@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from model_service.batcher import BatcherClosed, DynamicBatcher
+from specmesh.model_service.batcher import BatcherClosed, DynamicBatcher
 
 
 class Recorder:

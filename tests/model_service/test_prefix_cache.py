@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_service.prefix_cache import PrefixCache, make_prefix_cache
+from specmesh.model_service.prefix_cache import PrefixCache, make_prefix_cache
 from specmesh.wire.metrics import ServiceMetrics
 
 CHUNK = 4

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import load_model
-from kernels.runner import ForwardItem, ModelRunner
-from model_service.config import EngineConfig
-from model_service.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
-from model_service.sequences import SequenceStore
+from specmesh.kernels import load_model
+from specmesh.kernels.runner import ForwardItem, ModelRunner
+from specmesh.model_service.config import EngineConfig
+from specmesh.model_service.prefix_kv import export_prefix, num_prefix_tokens, seed_prefix
+from specmesh.model_service.sequences import SequenceStore
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 
 pytestmark = pytest.mark.models

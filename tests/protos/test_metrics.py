@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_service.batcher import DynamicBatcher
+from specmesh.model_service.batcher import DynamicBatcher
 from specmesh.wire.errors import CapacityExhausted, InvalidRequest
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import build_server

@@ -20,7 +20,7 @@ async def test_second_server_on_a_taken_port_fails():
 def test_internal_value_errors_are_not_blamed_on_the_caller():
     import grpc
 
-    from model_service.servicer import sampling_config
+    from specmesh.model_service.servicer import sampling_config
     from specmesh.v1 import common_pb2
     from specmesh.wire.batch_rpc import item_error
     from specmesh.wire.errors import InvalidRequest

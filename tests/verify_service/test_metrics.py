@@ -7,13 +7,13 @@ import urllib.request
 import grpc
 import pytest
 
-from model_service.config import ModelServiceConfig
-from model_service.startup import build_servicer
+from specmesh.model_service.config import ModelServiceConfig
+from specmesh.model_service.startup import build_servicer
 from specmesh.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from specmesh.verify_service.__main__ import SERVICE_NAME, SPEC
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.server import build_server
 from tests.conftest import TINY_TARGET
-from verify_service.__main__ import SERVICE_NAME, SPEC
 
 pytestmark = pytest.mark.models
 

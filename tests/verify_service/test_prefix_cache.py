@@ -8,16 +8,16 @@ import contextlib
 
 import pytest
 
-from cache_service.__main__ import start_server
-from cache_service.config import CacheServiceConfig
-from clients.async_client import AsyncSpecMeshClient
-from clients.tokenizer import TextCodec
-from kernels import load_model
-from model_service.config import EngineConfig
+from specmesh.cache_service.__main__ import start_server
+from specmesh.cache_service.config import CacheServiceConfig
+from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.tokenizer import TextCodec
+from specmesh.kernels import load_model
+from specmesh.model_service.config import EngineConfig
+from specmesh.verify_service.engine import VerifyEngine, VerifyItem
 from specmesh.wire.cache_client import CacheClient
 from tests.conftest import TINY_DRAFT, TINY_TARGET
 from tests.stack import model_server
-from verify_service.engine import VerifyEngine, VerifyItem
 
 pytestmark = [pytest.mark.models, pytest.mark.redis]
 

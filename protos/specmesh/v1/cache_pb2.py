@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/cache.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"Q\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\">\n\x14LookupPrefixResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x12\n\nchunk_keys\x18\x02 \x03(\t\";\n\x10GetChunksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nchunk_keys\x18\x02 \x03(\t\"L\n\tChunkMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"_\n\nChunkPiece\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x04meta\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.ChunkMeta\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"b\n\x0fPutChunksHeader\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x13\n\x0bstart_chunk\x18\x04 \x01(\x05\"t\n\x10PutChunksRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.specmesh.v1.PutChunksHeaderH\x00\x12(\n\x05piece\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.ChunkPieceH\x00\x42\x06\n\x04part\"<\n\x11PutChunksResponse\x12\x12\n\nnum_stored\x18\x01 \x01(\x05\x12\x13\n\x0bnum_skipped\x18\x02 \x01(\x05\"\xd4\x01\n\tResultKey\x12\x19\n\x11\x64raft_fingerprint\x18\x01 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05\x65xtra\x18\x08 \x01(\t\"7\n\x10GetResultRequest\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.ResultKey\"J\n\x11GetResultResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"a\n\x10PutResultRequest\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.ResultKey\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"#\n\x11PutResultResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"G\n\tOpLatency\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0f\n\x07mean_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\"\xf6\x02\n\rStatsResponse\x12\x13\n\x0bprefix_hits\x18\x01 \x01(\x04\x12\x15\n\rprefix_misses\x18\x02 \x01(\x04\x12\x19\n\x11prefix_tokens_hit\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunks_read\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hunks_written\x18\x05 \x01(\x04\x12\x17\n\x0f\x63hunks_rejected\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hunks_skipped\x18\x07 \x01(\x04\x12\x13\n\x0bresult_hits\x18\x08 \x01(\x04\x12\x15\n\rresult_misses\x18\t \x01(\x04\x12\x17\n\x0fresults_written\x18\n \x01(\x04\x12\x17\n\x0fresults_skipped\x18\x0b \x01(\x04\x12\x12\n\nbytes_read\x18\x0c \x01(\x04\x12\x15\n\rbytes_written\x18\r \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0e \x01(\x04\x12\'\n\x07latency\x18\x0f \x03(\x0b\x32\x16.specmesh.v1.OpLatency2\xd0\x03\n\x0c\x43\x61\x63heService\x12S\n\x0cLookupPrefix\x12 .specmesh.v1.LookupPrefixRequest\x1a!.specmesh.v1.LookupPrefixResponse\x12\x45\n\tGetChunks\x12\x1d.specmesh.v1.GetChunksRequest\x1a\x17.specmesh.v1.ChunkPiece0\x01\x12L\n\tPutChunks\x12\x1d.specmesh.v1.PutChunksRequest\x1a\x1e.specmesh.v1.PutChunksResponse(\x01\x12J\n\tGetResult\x12\x1d.specmesh.v1.GetResultRequest\x1a\x1e.specmesh.v1.GetResultResponse\x12J\n\tPutResult\x12\x1d.specmesh.v1.PutResultRequest\x1a\x1e.specmesh.v1.PutResultResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/cache.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"Q\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\">\n\x14LookupPrefixResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x12\n\nchunk_keys\x18\x02 \x03(\t\";\n\x10GetChunksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nchunk_keys\x18\x02 \x03(\t\"Y\n\tChunkMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"_\n\nChunkPiece\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x04meta\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.ChunkMeta\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"b\n\x0fPutChunksHeader\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x13\n\x0bstart_chunk\x18\x04 \x01(\x05\"t\n\x10PutChunksRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.specmesh.v1.PutChunksHeaderH\x00\x12(\n\x05piece\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.ChunkPieceH\x00\x42\x06\n\x04part\"<\n\x11PutChunksResponse\x12\x12\n\nnum_stored\x18\x01 \x01(\x05\x12\x13\n\x0bnum_skipped\x18\x02 \x01(\x05\"\xd4\x01\n\tResultKey\x12\x19\n\x11\x64raft_fingerprint\x18\x01 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05\x65xtra\x18\x08 \x01(\t\"7\n\x10GetResultRequest\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.ResultKey\"W\n\x11GetResultResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"n\n\x10PutResultRequest\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.ResultKey\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"#\n\x11PutResultResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"G\n\tOpLatency\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0f\n\x07mean_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\"\xf6\x02\n\rStatsResponse\x12\x13\n\x0bprefix_hits\x18\x01 \x01(\x04\x12\x15\n\rprefix_misses\x18\x02 \x01(\x04\x12\x19\n\x11prefix_tokens_hit\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunks_read\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hunks_written\x18\x05 \x01(\x04\x12\x17\n\x0f\x63hunks_rejected\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hunks_skipped\x18\x07 \x01(\x04\x12\x13\n\x0bresult_hits\x18\x08 \x01(\x04\x12\x15\n\rresult_misses\x18\t \x01(\x04\x12\x17\n\x0fresults_written\x18\n \x01(\x04\x12\x17\n\x0fresults_skipped\x18\x0b \x01(\x04\x12\x12\n\nbytes_read\x18\x0c \x01(\x04\x12\x15\n\rbytes_written\x18\r \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0e \x01(\x04\x12\'\n\x07latency\x18\x0f \x03(\x0b\x32\x16.specmesh.v1.OpLatency2\xd0\x03\n\x0c\x43\x61\x63heService\x12S\n\x0cLookupPrefix\x12 .specmesh.v1.LookupPrefixRequest\x1a!.specmesh.v1.LookupPrefixResponse\x12\x45\n\tGetChunks\x12\x1d.specmesh.v1.GetChunksRequest\x1a\x17.specmesh.v1.ChunkPiece0\x01\x12L\n\tPutChunks\x12\x1d.specmesh.v1.PutChunksRequest\x1a\x1e.specmesh.v1.PutChunksResponse(\x01\x12J\n\tGetResult\x12\x1d.specmesh.v1.GetResultRequest\x1a\x1e.specmesh.v1.GetResultResponse\x12J\n\tPutResult\x12\x1d.specmesh.v1.PutResultRequest\x1a\x1e.specmesh.v1.PutResultResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCHUNKSREQUEST']._serialized_start=213
   _globals['_GETCHUNKSREQUEST']._serialized_end=272
   _globals['_CHUNKMETA']._serialized_start=274
-  _globals['_CHUNKMETA']._serialized_end=350
-  _globals['_CHUNKPIECE']._serialized_start=352
-  _globals['_CHUNKPIECE']._serialized_end=447
-  _globals['_PUTCHUNKSHEADER']._serialized_start=449
-  _globals['_PUTCHUNKSHEADER']._serialized_end=547
-  _globals['_PUTCHUNKSREQUEST']._serialized_start=549
-  _globals['_PUTCHUNKSREQUEST']._serialized_end=665
-  _globals['_PUTCHUNKSRESPONSE']._serialized_start=667
-  _globals['_PUTCHUNKSRESPONSE']._serialized_end=727
-  _globals['_RESULTKEY']._serialized_start=730
-  _globals['_RESULTKEY']._serialized_end=942
-  _globals['_GETRESULTREQUEST']._serialized_start=944
-  _globals['_GETRESULTREQUEST']._serialized_end=999
-  _globals['_GETRESULTRESPONSE']._serialized_start=1001
-  _globals['_GETRESULTRESPONSE']._serialized_end=1075
-  _globals['_PUTRESULTREQUEST']._serialized_start=1077
-  _globals['_PUTRESULTREQUEST']._serialized_end=1174
-  _globals['_PUTRESULTRESPONSE']._serialized_start=1176
-  _globals['_PUTRESULTRESPONSE']._serialized_end=1211
-  _globals['_STATSREQUEST']._serialized_start=1213
-  _globals['_STATSREQUEST']._serialized_end=1227
-  _globals['_OPLATENCY']._serialized_start=1229
-  _globals['_OPLATENCY']._serialized_end=1300
-  _globals['_STATSRESPONSE']._serialized_start=1303
-  _globals['_STATSRESPONSE']._serialized_end=1677
-  _globals['_CACHESERVICE']._serialized_start=1680
-  _globals['_CACHESERVICE']._serialized_end=2144
+  _globals['_CHUNKMETA']._serialized_end=363
+  _globals['_CHUNKPIECE']._serialized_start=365
+  _globals['_CHUNKPIECE']._serialized_end=460
+  _globals['_PUTCHUNKSHEADER']._serialized_start=462
+  _globals['_PUTCHUNKSHEADER']._serialized_end=560
+  _globals['_PUTCHUNKSREQUEST']._serialized_start=562
+  _globals['_PUTCHUNKSREQUEST']._serialized_end=678
+  _globals['_PUTCHUNKSRESPONSE']._serialized_start=680
+  _globals['_PUTCHUNKSRESPONSE']._serialized_end=740
+  _globals['_RESULTKEY']._serialized_start=743
+  _globals['_RESULTKEY']._serialized_end=955
+  _globals['_GETRESULTREQUEST']._serialized_start=957
+  _globals['_GETRESULTREQUEST']._serialized_end=1012
+  _globals['_GETRESULTRESPONSE']._serialized_start=1014
+  _globals['_GETRESULTRESPONSE']._serialized_end=1101
+  _globals['_PUTRESULTREQUEST']._serialized_start=1103
+  _globals['_PUTRESULTREQUEST']._serialized_end=1213
+  _globals['_PUTRESULTRESPONSE']._serialized_start=1215
+  _globals['_PUTRESULTRESPONSE']._serialized_end=1250
+  _globals['_STATSREQUEST']._serialized_start=1252
+  _globals['_STATSREQUEST']._serialized_end=1266
+  _globals['_OPLATENCY']._serialized_start=1268
+  _globals['_OPLATENCY']._serialized_end=1339
+  _globals['_STATSRESPONSE']._serialized_start=1342
+  _globals['_STATSRESPONSE']._serialized_end=1716
+  _globals['_CACHESERVICE']._serialized_start=1719
+  _globals['_CACHESERVICE']._serialized_end=2183
 # @@protoc_insertion_point(module_scope)

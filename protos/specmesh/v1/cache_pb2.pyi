@@ -34,16 +34,18 @@ class GetChunksRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., chunk_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChunkMeta(_message.Message):
-    __slots__ = ("dtype", "shape", "num_bytes", "sha256")
+    __slots__ = ("dtype", "shape", "num_bytes", "sha256", "mac")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     num_bytes: int
     sha256: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class ChunkPiece(_message.Message):
     __slots__ = ("index", "meta", "offset", "data")
@@ -112,24 +114,28 @@ class GetResultRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[ResultKey, _Mapping]] = ...) -> None: ...
 
 class GetResultResponse(_message.Message):
-    __slots__ = ("hit", "token_ids", "finish_reason")
+    __slots__ = ("hit", "token_ids", "finish_reason", "mac")
     HIT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
-    def __init__(self, hit: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, hit: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PutResultRequest(_message.Message):
-    __slots__ = ("key", "token_ids", "finish_reason")
+    __slots__ = ("key", "token_ids", "finish_reason", "mac")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     key: ResultKey
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
-    def __init__(self, key: _Optional[_Union[ResultKey, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, key: _Optional[_Union[ResultKey, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PutResultResponse(_message.Message):
     __slots__ = ("stored",)

@@ -25,6 +25,8 @@ import grpc
 import numpy as np
 
 from specmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from specmesh.wire.cache_mac import chunk_mac, result_mac, verified
+from specmesh.wire.security import Security
 from specmesh.wire.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class CacheClientStats:
     misses: int = 0
     errors: int = 0  # failed calls (each answered as a miss)
     skipped: int = 0  # calls not made (backing off after an error, or not cacheable)
+    rejected: int = 0  # values without a valid MAC (not written by a fleet member): misses
 
 
 def result_key(*, target_fingerprint: str, prompt_token_ids: Sequence[int],
@@ -75,8 +78,10 @@ class CacheClient:
 
     def __init__(self, address: str, *, timeout_s: float = 0.5, transfer_timeout_s: float = 10.0,
                  piece_bytes: int = 1 << 20, retry_after_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, security: Security | None = None):
         self.address = address
+        self.security = security or Security()  # TLS, token, and the fleet's cache MAC key
+        self.mac_key = self.security.cache_key  # None: values are not signed or checked
         self.timeout_s = timeout_s  # lookups and results
         self.transfer_timeout_s = transfer_timeout_s  # whole GetChunks / PutChunks streams
         self.piece_bytes = piece_bytes
@@ -90,7 +95,7 @@ class CacheClient:
     @property
     def _stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub_obj is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = self.security.channel(self.address, CHANNEL_OPTIONS)
             self._stub_obj = cache_pb2_grpc.CacheServiceStub(self._channel)
         return self._stub_obj
 
@@ -119,12 +124,25 @@ class CacheClient:
         self._count(hit.num_tokens > 0)
         return hit
 
-    async def get_chunks(self, fingerprint: str, keys: Sequence[str]) -> list[np.ndarray]:
-        """The arrays of the leading `keys` that arrived whole and checked (maybe fewer, or [])."""
+    async def get_chunks(self, fingerprint: str, keys: Sequence[str],
+                         token_ids: Sequence[int] = (), chunk_size: int = 0) -> list[np.ndarray]:
+        """The arrays of the leading `keys` that arrived whole and checked (maybe fewer, or []).
+        With a MAC key each chunk must carry the writer's MAC over its fingerprint and the
+        tokens it stands for (`token_ids` from position 0, `chunk_size`): the first that does
+        not ends the hit."""
         arrays: list[np.ndarray] = []
         if keys:
-            await self._guard("get_chunks", lambda: self._read_chunks(fingerprint, keys, arrays),
-                              None)
+            check = None
+            if self.mac_key is not None:
+                tokens = [int(t) for t in token_ids]
+
+                def check(i: int, meta: cache_pb2.ChunkMeta) -> bool:
+                    end = (i + 1) * chunk_size
+                    return end <= len(tokens) and verified(chunk_mac(
+                        self.mac_key, fingerprint, chunk_size, tokens[:end], meta.dtype,
+                        meta.shape, meta.sha256), meta.mac)
+            await self._guard("get_chunks",
+                              lambda: self._read_chunks(fingerprint, keys, arrays, check), None)
         return arrays
 
     async def load_prefix(self, fingerprint: str, token_ids: Sequence[int],
@@ -132,7 +150,9 @@ class CacheClient:
         """lookup_prefix + get_chunks: arrays of the cached leading chunks (len * chunk_size
         tokens covered)."""
         hit = await self.lookup_prefix(fingerprint, token_ids, chunk_size)
-        return await self.get_chunks(fingerprint, hit.keys) if hit.keys else []
+        if not hit.keys:
+            return []
+        return await self.get_chunks(fingerprint, hit.keys, token_ids, chunk_size)
 
     async def put_chunks(self, fingerprint: str, token_ids: Sequence[int], chunk_size: int,
                          start_chunk: int, arrays: Sequence[np.ndarray]) -> int:
@@ -145,10 +165,16 @@ class CacheClient:
         header = cache_pb2.PutChunksHeader(fingerprint=fingerprint, token_ids=tokens,
                                            chunk_size=chunk_size, start_chunk=start_chunk)
 
+        def sign(index: int, meta: cache_pb2.ChunkMeta) -> None:
+            if self.mac_key is not None:
+                end = (start_chunk + index + 1) * chunk_size
+                meta.mac = chunk_mac(self.mac_key, fingerprint, chunk_size, tokens[:end],
+                                     meta.dtype, meta.shape, meta.sha256)
+
         async def messages():
             yield cache_pb2.PutChunksRequest(header=header)
             for index, array in enumerate(arrays):
-                for piece in _pieces(index, array, self.piece_bytes):
+                for piece in _pieces(index, array, self.piece_bytes, sign):
                     yield cache_pb2.PutChunksRequest(piece=piece)
 
         async def call() -> int:
@@ -167,7 +193,14 @@ class CacheClient:
         async def call() -> CachedResult | None:
             reply = await self._stub.GetResult(cache_pb2.GetResultRequest(key=key),
                                                timeout=self.timeout_s)
-            return CachedResult(list(reply.token_ids), reply.finish_reason) if reply.hit else None
+            if not reply.hit:
+                return None
+            if self.mac_key is not None and not verified(result_mac(
+                    self.mac_key, key, reply.token_ids, reply.finish_reason), reply.mac):
+                self.stats.rejected += 1
+                log.warning("cache result at %s without a valid MAC: a miss", self.address)
+                return None
+            return CachedResult(list(reply.token_ids), reply.finish_reason)
 
         result = await self._guard("get_result", call, None)
         self._count(result is not None)
@@ -181,8 +214,11 @@ class CacheClient:
             return False
 
         async def call() -> bool:
+            tokens = [int(t) for t in token_ids]
+            mac = (result_mac(self.mac_key, key, tokens, finish_reason)
+                   if self.mac_key is not None else b"")
             reply = await self._stub.PutResult(cache_pb2.PutResultRequest(
-                key=key, token_ids=[int(t) for t in token_ids], finish_reason=finish_reason),
+                key=key, token_ids=tokens, finish_reason=finish_reason, mac=mac),
                 timeout=self.timeout_s)
             return reply.stored
 
@@ -193,9 +229,10 @@ class CacheClient:
             cache_pb2.StatsRequest(), timeout=self.timeout_s), None)
 
     # -- plumbing -------------------------------------------------------------------------------
-    async def _read_chunks(self, fingerprint: str, keys: Sequence[str],
-                           out: list[np.ndarray]) -> None:
-        """Append each chunk to `out` once it arrived whole and its sha256 matches."""
+    async def _read_chunks(self, fingerprint: str, keys: Sequence[str], out: list[np.ndarray],
+                           check: Callable[[int, cache_pb2.ChunkMeta], bool] | None) -> None:
+        """Append each chunk to `out` once it arrived whole, its sha256 matches and `check`
+        (the MAC) passes; the first chunk that fails the check ends the read."""
         call = self._stub.GetChunks(cache_pb2.GetChunksRequest(
             fingerprint=fingerprint, chunk_keys=list(keys)), timeout=self.transfer_timeout_s)
         meta, buf, received = None, bytearray(), 0
@@ -203,6 +240,12 @@ class CacheClient:
             if piece.HasField("meta"):
                 if meta is not None or piece.index != len(out) or piece.offset != 0:
                     raise ValueError(f"unexpected piece order at chunk {piece.index}")
+                if check is not None and not check(piece.index, piece.meta):
+                    self.stats.rejected += 1
+                    log.warning("cache chunk %d at %s without a valid MAC: a miss from there",
+                                piece.index, self.address)
+                    call.cancel()
+                    return
                 meta, buf, received = piece.meta, bytearray(piece.meta.num_bytes), 0
             if meta is None or piece.offset != received \
                     or received + len(piece.data) > meta.num_bytes:
@@ -242,14 +285,17 @@ class CacheClient:
             self.stats.misses += 1
 
 
-def _pieces(index: int, array: np.ndarray, piece_bytes: int):
-    """ChunkPieces of one array (little-endian, C order), meta on the first."""
+def _pieces(index: int, array: np.ndarray, piece_bytes: int,
+            sign: Callable[[int, cache_pb2.ChunkMeta], None]):
+    """ChunkPieces of one array (little-endian, C order), meta (signed by `sign`) on the
+    first."""
     a = np.ascontiguousarray(array)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     data = memoryview(a).cast("B")
     meta = cache_pb2.ChunkMeta(dtype=a.dtype.name, shape=a.shape, num_bytes=len(data),
                                sha256=hashlib.sha256(data).digest())
+    sign(index, meta)
     for offset in range(0, max(len(data), 1), piece_bytes):
         yield cache_pb2.ChunkPiece(index=index, meta=meta if offset == 0 else None,
                                    offset=offset, data=bytes(data[offset:offset + piece_bytes]))

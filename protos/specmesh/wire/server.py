@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specmesh.wire.errors import SpecMeshError, status_code
+from specmesh.wire.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-CHANNEL_OPTIONS = message_options(MAX_MESSAGE_BYTES)
+CHANNEL_OPTIONS = message_options(MAX_MESSAGE_BYTES)  # Security.channel adds its own
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -170,16 +171,21 @@ async def build_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    security: Security | None = None,
 ) -> Server:
-    """Build an aio server with the error interceptor, health (NOT_SERVING) and reflection.
+    """Build an aio server with the error interceptor, health (NOT_SERVING) and reflection;
+    `security` adds TLS (its credentials, unless `credentials` is given), bearer-token
+    authentication and can turn reflection off (specmesh.wire.security).
 
     port=0 binds a free port; the bound one is returned in `Server.port`. RPCs beyond
     `max_concurrent_rpcs` in flight, and messages over `max_message_bytes`, are refused with
     RESOURCE_EXHAUSTED by gRPC itself.
     """
     # SO_REUSEPORT off: a second server on a taken port fails instead of splitting traffic
+    security = security or Security()
+    credentials = credentials or security.server_credentials()
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors],
+        interceptors=[*security.interceptors(), ErrorInterceptor(), *interceptors],
         options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -188,11 +194,12 @@ async def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
+    if security.reflection:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, credentials) if credentials
              else server.add_insecure_port(address))
@@ -202,13 +209,15 @@ async def build_server(
     return out
 
 
-async def wait_for_serving(address: str, timeout: float = 60.0) -> None:
-    """Poll the health service at `address` until it reports SERVING (or raise TimeoutError)."""
+async def wait_for_serving(address: str, timeout: float = 60.0,
+                           security: Security | None = None) -> None:
+    """Poll the health service at `address` until it reports SERVING (or raise TimeoutError);
+    `security` for a TLS server (health needs no token)."""
     import asyncio
     import time
 
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with (security or Security()).channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
