@@ -95,7 +95,8 @@ class AsyncSpecMeshClient:
             self._channels.append(draft_ch)
             draft = draft_pb2_grpc.DraftServiceStub(draft_ch)
             self.draft_info = await draft.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
-            if self.draft_info.vocab_size != self.target_info.vocab_size:
+            # vocab 0: a model-free (n-gram) draft proposes the sequence's own tokens
+            if self.draft_info.vocab_size not in (0, self.target_info.vocab_size):
                 raise InvalidRequest("draft", f"draft vocab {self.draft_info.vocab_size} != "
                                      f"target vocab {self.target_info.vocab_size}")
         policy = PerRequestPolicy()

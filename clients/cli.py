@@ -10,8 +10,8 @@ import sys
 
 from specmesh.clients.async_client import AsyncSpecMeshClient
 from specmesh.clients.local_stack import LocalStack, ServiceProcess
-from specmesh.clients.models import resolve_pair
-from specmesh.clients.types import DEFAULT_TREE, GenerationParams
+from specmesh.clients.models import NGRAM, resolve_pair
+from specmesh.clients.types import DEFAULT_TREE, NGRAM_TREE, GenerationParams
 from specmesh.wire.errors import SpecMeshError
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -32,7 +32,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--draft", default=None, help="draft model folder (or name under "
-                   "SPECMESH_MODEL_DIR)")
+                   "SPECMESH_MODEL_DIR), or 'ngram': model-free n-gram drafting")
     p.add_argument("--target", default=None, help="target model folder")
     p.add_argument("--draft-addr", default=None, help="host:port of a running draft service")
     p.add_argument("--verify-addr", default=None, help="host:port of a running verify service")
@@ -48,12 +48,18 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    "and a cache MAC key (a throwaway CA and secrets, deleted with the stack)")
 
 
+def _draft_method(draft) -> str:
+    return "ngram" if draft is None else "model"
+
+
 def generation_params(args: argparse.Namespace) -> GenerationParams:
     """The one place CLI flags become GenerationParams."""
     if args.tree:
         tree = TreeSpec.parse(args.tree)
     elif args.k is not None:
         tree = TreeSpec.parse(f"chain:{args.k}")
+    elif args.draft == NGRAM:
+        tree = NGRAM_TREE
     else:
         tree = GenerationParams().tree
     params = GenerationParams(
@@ -71,6 +77,7 @@ async def _generate(args: argparse.Namespace) -> int:
         verify_addr, draft_addr, cache_addr = args.verify_addr, args.draft_addr, args.cache_addr
     else:
         stack = LocalStack(target, None if not params.speculate else draft,
+                           draft_method=_draft_method(draft) if params.speculate else "model",
                            cache=not args.no_cache, redis_url=args.redis_url, quiet=args.json,
                            secure=args.secure)
         await stack.__aenter__()
@@ -106,12 +113,14 @@ async def _up(args: argparse.Namespace) -> int:
     import signal
 
     target, draft = resolve_pair(args.target, args.draft)
-    async with LocalStack(target, draft, cache=not args.no_cache, redis_url=args.redis_url,
+    tree = args.tree or str(NGRAM_TREE if draft is None else DEFAULT_TREE)
+    async with LocalStack(target, draft, draft_method=_draft_method(draft),
+                          cache=not args.no_cache, redis_url=args.redis_url,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                           secure=args.secure) as stack:
         gw_args = ["specmesh.clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
                    stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
-                   "--tree", args.tree, "--http-port", str(args.http_port),
+                   "--tree", tree, "--http-port", str(args.http_port),
                    *stack.metrics_args("gateway"), *stack.security_args()]
         if stack.cache_addr:
             gw_args += ["--cache-addr", stack.cache_addr]
@@ -166,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     serve.add_argument("service", choices=sorted(SERVICE_MODULES))
     up = sub.add_parser("up", help="start draft, verify, cache and gateway; keep them running")
-    up.add_argument("--draft", default=None)
+    up.add_argument("--draft", default=None, help="draft model folder or name, or 'ngram' "
+                    "(model-free n-gram drafting)")
     up.add_argument("--target", default=None)
     up.add_argument("--port", type=int, default=50051, help="gateway port (0 = free port)")
-    up.add_argument("--tree", default=str(DEFAULT_TREE), help="the gateway's default tree spec")
+    up.add_argument("--tree", default=None, help="the gateway's default tree spec (default "
+                    f"{DEFAULT_TREE}; {NGRAM_TREE} with --draft ngram)")
     up.add_argument("--http-port", type=int, default=8000,
                     help="the gateway's OpenAI-compatible HTTP API (0 = free port)")
     up.add_argument("--metrics-port", type=int, default=None,

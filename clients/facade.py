@@ -158,10 +158,13 @@ def launch(target: str | pathlib.Path | None = None, draft: str | pathlib.Path |
            cache: bool = False) -> Iterator[Client]:
     """Start a local stack (verify, draft, optionally the cache with an embedded Redis) as
     subprocesses, yield a Client on it, stop everything on exit. `target`/`draft`: model
-    folders or names under $SPECMESH_MODEL_DIR (default: the bundled pair)."""
+    folders or names under $SPECMESH_MODEL_DIR (default: the bundled pair); draft="ngram"
+    drafts by n-gram lookup, no draft model (any tree spec then sizes its n-gram tree)."""
     from specmesh.clients.local_stack import LocalStack
     from specmesh.clients.models import resolve_pair
 
     target_dir, draft_dir = resolve_pair(target and str(target), draft and str(draft))
-    with Client(stack=LocalStack(target_dir, draft_dir, cache=cache)) as client:
+    method = "ngram" if draft_dir is None else "model"  # draft="ngram": model-free drafting
+    with Client(stack=LocalStack(target_dir, draft_dir, draft_method=method,
+                                 cache=cache)) as client:
         yield client

@@ -168,6 +168,9 @@ def _free_port() -> int:
 class LocalStack:
     target_dir: pathlib.Path
     draft_dir: pathlib.Path | None
+    """The draft model; None: no draft service, unless draft_method is "ngram"."""
+    draft_method: str = "model"
+    """"ngram": a model-free draft service (n-gram lookup; draft_dir unused)."""
     extra_verify_args: list[str] = field(default_factory=list)
     extra_draft_args: list[str] = field(default_factory=list)
     cache: bool = False
@@ -235,9 +238,11 @@ class LocalStack:
                 "specmesh.verify_service", "--model", str(self.target_dir), "--port", "0",
                 *cache_args, *self.metrics_args("verify"), *self.security_args(),
                 *self.extra_verify_args], security=self.service_security())
-            if self.draft_dir is not None:
+            if self.draft_method == "ngram" or self.draft_dir is not None:
+                what = (["--method", "ngram"] if self.draft_method == "ngram"
+                        else ["--model", str(self.draft_dir)])
                 self.services["draft"] = ServiceProcess("draft", [
-                    "specmesh.draft_service", "--model", str(self.draft_dir), "--port", "0",
+                    "specmesh.draft_service", *what, "--port", "0",
                     *cache_args, *self.metrics_args("draft"), *self.security_args(),
                     *self.extra_draft_args], security=self.service_security())
             starting = [s for name, s in self.services.items() if name != "cache"]

@@ -7,6 +7,7 @@ import pathlib
 
 DEFAULT_TARGET = "stories260K-wide78M"
 DEFAULT_DRAFT = "stories260K-draft2L-wide5M"
+NGRAM = "ngram"  # as a draft: model-free n-gram drafting, no draft model
 
 
 def model_dir() -> pathlib.Path:
@@ -21,12 +22,16 @@ def model_dir() -> pathlib.Path:
     return here.parent / "shared" / "models"
 
 
-def resolve_pair(target: str | None, draft: str | None) -> tuple[pathlib.Path, pathlib.Path]:
-    """(target, draft) folders; names are looked up under model_dir(). Clear error if missing."""
+def resolve_pair(target: str | None, draft: str | None
+                 ) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """(target, draft) folders; names are looked up under model_dir(). Clear error if missing.
+    A draft of "ngram" is model-free n-gram drafting: (target, None)."""
     base = model_dir()
     out = []
-    for given, default, role in ((target, DEFAULT_TARGET, "target"),
-                                 (draft, DEFAULT_DRAFT, "draft")):
+    roles = [(target, DEFAULT_TARGET, "target")]
+    if draft != NGRAM:
+        roles.append((draft, DEFAULT_DRAFT, "draft"))
+    for given, default, role in roles:
         path = pathlib.Path(given).expanduser() if given else base / default
         if not path.is_absolute() and not path.exists():
             path = base / str(given)
@@ -35,4 +40,4 @@ def resolve_pair(target: str | None, draft: str | None) -> tuple[pathlib.Path, p
                 f"{role} model not found at {path}. Set SPECMESH_MODEL_DIR to the folder holding "
                 f"{DEFAULT_TARGET}/ and {DEFAULT_DRAFT}/, or pass --{role} DIR.")
         out.append(path.resolve())
-    return out[0], out[1]
+    return out[0], (out[1] if len(out) > 1 else None)

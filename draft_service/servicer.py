@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from specmesh.draft_service.engine import ProposeItem, ProposeResult
-from specmesh.model_service.servicer import ModelServicer, sampling_config
+from specmesh.draft_service.ngram_engine import NgramDrafter
+from specmesh.model_service.servicer import ModelServicer, sampling_config, scope
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specmesh.wire.batch_rpc import item_error
 from specmesh.wire.codec import encode_sparse
@@ -22,8 +23,35 @@ def to_item(req: draft_pb2.ProposeRequest) -> ProposeItem:
     )
 
 
+NGRAM_INFO = common_pb2.ModelInfo(name="ngram", vocab_size=0, max_context=2**31 - 1,
+                                  fingerprint="ngram-v1", bos_token_id=-1, eos_token_id=-1)
+
+
 class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
+    """Model drafting through the engine, n-gram drafting (tree kind `ngram`) inline. Without
+    a model (`--method ngram`: engine None) every request is drafted by n-gram lookup with its
+    tree's node budget and depth, so any client (default tree included) works unchanged."""
+
     release_reply = draft_pb2.ReleaseResponse
+
+    def __init__(self, engine, worker, prefix=None, metrics=None,
+                 ngram: NgramDrafter | None = None):
+        super().__init__(engine, worker, prefix, metrics)
+        self.ngram = ngram or NgramDrafter()
+
+    async def submit(self, item: ProposeItem):
+        if item.spec.model_free or self.engine is None:
+            return self.ngram.propose(item)
+        return await super().submit(item)
+
+    async def release_finished(self, seq_ids, owner: str) -> int:
+        n = self.ngram.release([scope(owner, s) for s in seq_ids])
+        if self.engine is not None:
+            n += await super().release_finished(seq_ids, owner)
+        return n
+
+    async def GetModelInfo(self, request, context):
+        return NGRAM_INFO if self.engine is None else await super().GetModelInfo(request, context)
 
     async def Propose(self, request, context):
         _, result = await self.run_one(request, context, to_item)

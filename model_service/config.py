@@ -36,8 +36,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ModelServiceConfig:
-    model: str
-    """HF model folder."""
+    model: str | None = None
+    """HF model folder (required unless --method ngram)."""
+    method: str = "model"
+    """Draft service only: 'model' drafts with --model (and serves ngram:N trees too);
+    'ngram' loads no model and drafts every request by n-gram lookup in its own tokens."""
     host: str = "127.0.0.1"
     """Interface to bind."""
     port: int = 0
@@ -85,6 +88,11 @@ class ModelServiceConfig:
             raise ValueError(f"threads: {self.threads} must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} not in {'/'.join(DTYPES)}")
+        if self.method not in ("model", "ngram"):
+            raise ValueError(f"method: {self.method!r} not in model/ngram")
+        if self.method == "model" and not self.model:
+            raise ValueError("--model is required (a draft service may run --method ngram "
+                             "without one)")
 
     @classmethod
     def from_flat(cls, **values: Any) -> "ModelServiceConfig":

@@ -94,7 +94,7 @@ class ModelServicer:
 
     def observe_state(self) -> None:
         """KV blocks in use and queue depth, after each change."""
-        if self.metrics is not None:
+        if self.metrics is not None and self.engine is not None:
             self.metrics.set_kv_blocks(self.engine.kv.num_used_blocks,
                                        self.engine.kv.num_free_blocks)
             self.metrics.set_queue_depth(self.worker.queue_depth)
@@ -109,4 +109,5 @@ class ModelServicer:
     async def close(self) -> None:
         if self.prefix is not None:
             await self.prefix.close()
-        await self.worker.stop()
+        if self.worker is not None:
+            await self.worker.stop()

@@ -87,6 +87,10 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     """Load the model and build the engine on the batcher's one thread, where every forward
     runs: all torch work of the process on one thread (a second thread's OpenMP team put
     libgomp in throttled-spin mode, ~1.5x slower). Then wrap it in the servicer."""
+    if config.method == "ngram":  # a model-free draft service: nothing to load
+        if spec.short_name != "draft":
+            raise ValueError("--method ngram is for the draft service only")
+        return spec.servicer(None, None, None, metrics)
     from specmesh.kernels import load_for_service  # torch loads here, after tune_openmp()
 
     engine = None

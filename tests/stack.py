@@ -13,9 +13,10 @@ from specmesh.wire.server import build_server
 
 
 @contextlib.asynccontextmanager
-async def model_server(kind: str, model: pathlib.Path, **config):
-    """Yield (address, servicer) of a started, SERVING draft or verify server."""
-    cfg = ModelServiceConfig.from_flat(model=str(model), **config)
+async def model_server(kind: str, model: pathlib.Path | None, **config):
+    """Yield (address, servicer) of a started, SERVING draft or verify server (a model-free
+    draft server: model None, method="ngram")."""
+    cfg = ModelServiceConfig.from_flat(model=str(model) if model else None, **config)
     spec = DRAFT if kind == "draft" else VERIFY
     servicer = await build_servicer(spec, cfg)
     server = await build_server([(spec.add_to_server, servicer)], [spec.full_name], port=0,

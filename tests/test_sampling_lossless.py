@@ -29,7 +29,7 @@ BATCH = 2_000
 CONFIG = SamplingConfig(temperature=1.0, top_p=0.95, top_k=6)
 
 
-def hf_target_pairs(folder) -> dict[tuple[int, int], float]:
+def hf_target_pairs(folder, prompt: list[int] = PROMPT) -> dict[tuple[int, int], float]:
     """P(t1, t2) of the target with HF's own warpers (temperature, top-k, top-p), nothing of ours."""
     from transformers import AutoModelForCausalLM
     from transformers.generation.logits_process import (
@@ -43,7 +43,7 @@ def hf_target_pairs(folder) -> dict[tuple[int, int], float]:
     warp = LogitsProcessorList([TemperatureLogitsWarper(CONFIG.temperature),
                                 TopKLogitsWarper(CONFIG.top_k), TopPLogitsWarper(CONFIG.top_p)])
     with torch.no_grad():
-        ids = torch.tensor([PROMPT])
+        ids = torch.tensor([prompt])
         p1 = torch.softmax(warp(ids, model(ids).logits[:, -1]).double(), -1)[0]
         firsts = torch.nonzero(p1).squeeze(-1)
         ids2 = torch.cat([ids.repeat(len(firsts), 1), firsts[:, None]], 1)
@@ -61,17 +61,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def sample_pairs(models, spec: TreeSpec):
-    """Generate NUM_SAMPLES two-token continuations; also collect (t1, t2) after rejections."""
-    draft = DraftEngine(load_model(models / TINY_DRAFT), EngineConfig(kv_cache_mb=256))
+def sample_pairs(models, spec: TreeSpec, draft=None, prompt: list[int] = PROMPT,
+                 num_samples: int = NUM_SAMPLES):
+    """Generate `num_samples` two-token continuations; also collect (t1, t2) after rejections.
+    `draft`: anything with propose_batch/release (default: the tiny draft model's engine)."""
+    if draft is None:
+        draft = DraftEngine(load_model(models / TINY_DRAFT), EngineConfig(kv_cache_mb=256))
     target = VerifyEngine(load_model(models / TINY_TARGET), EngineConfig(kv_cache_mb=256))
     pairs, after_rejection = [], []
-    for start in range(0, NUM_SAMPLES, BATCH):
-        seqs = {f"s{i}": list(PROMPT) for i in range(start, start + BATCH)}
+    for start in range(0, num_samples, BATCH):
+        seqs = {f"s{i}": list(prompt) for i in range(start, start + min(BATCH, num_samples))}
         cached = {s: (0, 0) for s in seqs}  # (draft, target)
         rejected = {s: False for s in seqs}
-        while any(len(t) < len(PROMPT) + 2 for t in seqs.values()):
-            live = [s for s, t in seqs.items() if len(t) < len(PROMPT) + 2]
+        while any(len(t) < len(prompt) + 2 for t in seqs.values()):
+            live = [s for s, t in seqs.items() if len(t) < len(prompt) + 2]
             seed = {s: int(s[1:]) for s in live}
             props = draft.propose_batch([
                 ProposeItem(s, cached[s][0], seqs[s][cached[s][0]:], spec, CONFIG, seed[s])
@@ -81,7 +84,7 @@ def sample_pairs(models, spec: TreeSpec):
                            p.draft_dists, CONFIG, seed[s])
                 for s, p in zip(live, props)])
             for s, p, o in zip(live, props, outs):
-                first_round = len(seqs[s]) == len(PROMPT)
+                first_round = len(seqs[s]) == len(prompt)
                 seqs[s].extend(o.tokens)
                 cached[s] = (p.num_cached_tokens, o.num_cached_tokens)
                 if first_round and len(o.tokens) == 1 and p.tokens:
@@ -89,7 +92,7 @@ def sample_pairs(models, spec: TreeSpec):
         draft.release(list(seqs))
         target.release(list(seqs))
         for s, t in seqs.items():
-            pairs.append((t[len(PROMPT)], t[len(PROMPT) + 1]))
+            pairs.append((t[len(prompt)], t[len(prompt) + 1]))
             if rejected[s]:
                 after_rejection.append(pairs[-1])
     return pairs, after_rejection

@@ -96,3 +96,18 @@ def test_up_prints_and_serves_every_services_metrics(models):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def test_draft_ngram_needs_no_draft_model(models):
+    """`--draft ngram`: a model-free draft service, tree ngram:8 by default, the target's text."""
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
+    prompt = "One day, a girl saw a cat. One day, a boy saw a dog. One day, a"
+    outs = []
+    for mode in (["--draft", "ngram"], ["--no-spec"]):
+        out = subprocess.run(["specmesh", "generate", prompt, "--json", "--no-cache",
+                              "--target", str(models / TINY_TARGET), "--max-new-tokens", "24",
+                              *mode], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    assert outs[0]["tree"] == "ngram:8" and outs[0]["num_accepted_tokens"] > 0

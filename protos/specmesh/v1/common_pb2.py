@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/common.proto\x12\x0bspecmesh.v1\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xd6\x01\n\x08TreeSpec\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.specmesh.v1.TreeSpec.Kind\x12\x14\n\x0c\x63hain_length\x18\x02 \x01(\x05\x12\x11\n\tbranching\x18\x03 \x03(\x05\x12\x13\n\x0bnode_budget\x18\x04 \x01(\x05\x12\x11\n\tmax_depth\x18\x05 \x01(\x05\"O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_CHAIN\x10\x01\x12\x0f\n\x0bKIND_STATIC\x10\x02\x12\x10\n\x0cKIND_DYNAMIC\x10\x03\",\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\":\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x11\n\tprobs_f16\x18\x02 \x01(\x0c\"T\n\x0eSequenceHeader\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x83\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\x05\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/common.proto\x12\x0bspecmesh.v1\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xe6\x01\n\x08TreeSpec\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.specmesh.v1.TreeSpec.Kind\x12\x14\n\x0c\x63hain_length\x18\x02 \x01(\x05\x12\x11\n\tbranching\x18\x03 \x03(\x05\x12\x13\n\x0bnode_budget\x18\x04 \x01(\x05\x12\x11\n\tmax_depth\x18\x05 \x01(\x05\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_CHAIN\x10\x01\x12\x0f\n\x0bKIND_STATIC\x10\x02\x12\x10\n\x0cKIND_DYNAMIC\x10\x03\x12\x0e\n\nKIND_NGRAM\x10\x04\",\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\":\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x11\n\tprobs_f16\x18\x02 \x01(\x0c\"T\n\x0eSequenceHeader\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x83\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\x05\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=41
   _globals['_SAMPLINGPARAMS']._serialized_end=151
   _globals['_TREESPEC']._serialized_start=154
-  _globals['_TREESPEC']._serialized_end=368
+  _globals['_TREESPEC']._serialized_end=384
   _globals['_TREESPEC_KIND']._serialized_start=289
-  _globals['_TREESPEC_KIND']._serialized_end=368
-  _globals['_TOKENTREE']._serialized_start=370
-  _globals['_TOKENTREE']._serialized_end=414
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=416
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=474
-  _globals['_SEQUENCEHEADER']._serialized_start=476
-  _globals['_SEQUENCEHEADER']._serialized_end=560
-  _globals['_MODELINFOREQUEST']._serialized_start=562
-  _globals['_MODELINFOREQUEST']._serialized_end=580
-  _globals['_MODELINFO']._serialized_start=583
-  _globals['_MODELINFO']._serialized_end=714
-  _globals['_ITEMERROR']._serialized_start=716
-  _globals['_ITEMERROR']._serialized_end=758
+  _globals['_TREESPEC_KIND']._serialized_end=384
+  _globals['_TOKENTREE']._serialized_start=386
+  _globals['_TOKENTREE']._serialized_end=430
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=432
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=490
+  _globals['_SEQUENCEHEADER']._serialized_start=492
+  _globals['_SEQUENCEHEADER']._serialized_end=576
+  _globals['_MODELINFOREQUEST']._serialized_start=578
+  _globals['_MODELINFOREQUEST']._serialized_end=596
+  _globals['_MODELINFO']._serialized_start=599
+  _globals['_MODELINFO']._serialized_end=730
+  _globals['_ITEMERROR']._serialized_start=732
+  _globals['_ITEMERROR']._serialized_end=774
 # @@protoc_insertion_point(module_scope)

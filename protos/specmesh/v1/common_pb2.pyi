@@ -27,10 +27,12 @@ class TreeSpec(_message.Message):
         KIND_CHAIN: _ClassVar[TreeSpec.Kind]
         KIND_STATIC: _ClassVar[TreeSpec.Kind]
         KIND_DYNAMIC: _ClassVar[TreeSpec.Kind]
+        KIND_NGRAM: _ClassVar[TreeSpec.Kind]
     KIND_UNSPECIFIED: TreeSpec.Kind
     KIND_CHAIN: TreeSpec.Kind
     KIND_STATIC: TreeSpec.Kind
     KIND_DYNAMIC: TreeSpec.Kind
+    KIND_NGRAM: TreeSpec.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     CHAIN_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHING_FIELD_NUMBER: _ClassVar[int]

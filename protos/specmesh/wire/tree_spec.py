@@ -3,6 +3,8 @@
     chain:4          a single path of 4 draft tokens
     static:4,2,2,1   top-4 children at depth 1, then 2, 2, 1 per node
     dynamic:16       EAGLE-2 style: the 16 best nodes by cumulative draft probability
+    ngram:8          model-free: up to 8 nodes continuing earlier occurrences of the sequence's
+                     last tokens (prompt lookup; needs no draft model)
     none             no speculation (plain target decoding)
 """
 
@@ -21,12 +23,14 @@ _KINDS = {
     "chain": common_pb2.TreeSpec.KIND_CHAIN,
     "static": common_pb2.TreeSpec.KIND_STATIC,
     "dynamic": common_pb2.TreeSpec.KIND_DYNAMIC,
+    "ngram": common_pb2.TreeSpec.KIND_NGRAM,
 }
+DEFAULT_NGRAM_DEPTH = 8
 
 
 @dataclass(frozen=True)
 class TreeSpec:
-    kind: str = "none"  # "none" | "chain" | "static" | "dynamic"
+    kind: str = "none"  # "none" | "chain" | "static" | "dynamic" | "ngram"
     chain_length: int = 0
     branching: tuple[int, ...] = ()
     node_budget: int = 0
@@ -46,9 +50,14 @@ class TreeSpec:
                 width *= b
                 total += width
             return total
-        if self.kind == "dynamic":
+        if self.kind in ("dynamic", "ngram"):
             return self.node_budget
         return 0
+
+    @property
+    def model_free(self) -> bool:
+        """Drafted without a draft model (n-gram lookup)."""
+        return self.kind == "ngram"
 
     @property
     def depth(self) -> int:
@@ -58,6 +67,8 @@ class TreeSpec:
             return len(self.branching)
         if self.kind == "dynamic":
             return min(self.max_depth or DEFAULT_DYNAMIC_DEPTH, self.node_budget)
+        if self.kind == "ngram":
+            return min(self.max_depth or DEFAULT_NGRAM_DEPTH, self.node_budget)
         return 0
 
     def __str__(self) -> str:
@@ -65,8 +76,8 @@ class TreeSpec:
             return f"chain:{self.chain_length}"
         if self.kind == "static":
             return "static:" + ",".join(map(str, self.branching))
-        if self.kind == "dynamic":
-            return f"dynamic:{self.node_budget}"
+        if self.kind in ("dynamic", "ngram"):
+            return f"{self.kind}:{self.node_budget}"
         return "none"
 
     def validate(self, field: str = "tree_spec") -> "TreeSpec":
@@ -79,7 +90,7 @@ class TreeSpec:
                 raise InvalidRequest(f"{field}.branching", f"needs 1..{MAX_DEPTH} depths")
             if any(b <= 0 for b in self.branching):
                 raise InvalidRequest(f"{field}.branching", "every branching factor must be >= 1")
-        if self.kind == "dynamic":
+        if self.kind in ("dynamic", "ngram"):
             if not 1 <= self.node_budget <= MAX_TREE_NODES:
                 raise InvalidRequest(f"{field}.node_budget",
                                      f"{self.node_budget} not in [1, {MAX_TREE_NODES}]")
@@ -100,12 +111,13 @@ class TreeSpec:
                 return cls("chain", chain_length=int(arg))
             if kind == "static":
                 return cls("static", branching=tuple(int(x) for x in arg.split(",")))
-            if kind == "dynamic":
+            if kind in ("dynamic", "ngram"):
                 budget, _, depth = arg.partition("/")
-                return cls("dynamic", node_budget=int(budget), max_depth=int(depth or 0))
+                return cls(kind, node_budget=int(budget), max_depth=int(depth or 0))
         except ValueError:
             pass
-        raise ValueError(f"bad tree spec {text!r}: use chain:K, static:B1,B2,..., dynamic:N or none")
+        raise ValueError(f"bad tree spec {text!r}: use chain:K, static:B1,B2,..., dynamic:N, "
+                         "ngram:N or none")
 
     def to_proto(self) -> common_pb2.TreeSpec:
         if self.kind == "none":
@@ -132,8 +144,8 @@ class TreeSpec:
             return TreeSpec()
         if self.kind == "chain":
             return TreeSpec("chain", chain_length=min(self.chain_length, num_nodes))
-        if self.kind == "dynamic":
-            return TreeSpec("dynamic", node_budget=min(self.node_budget, num_nodes),
+        if self.kind in ("dynamic", "ngram"):
+            return TreeSpec(self.kind, node_budget=min(self.node_budget, num_nodes),
                             max_depth=self.max_depth)
         if self.kind == "static":
             out, total, width = [], 0, 1
