@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from specmesh.clients.gguf_folder import model_folder
 from specmesh.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -32,12 +33,16 @@ class ChatTemplate:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | pathlib.Path) -> "ChatTemplate | None":
-        """The folder's template, or None when its tokenizer has none."""
-        path = pathlib.Path(model_dir) / "tokenizer_config.json"
+        """The folder's template (`tokenizer_config.json`, or transformers 5's
+        `chat_template.jinja`; a `.gguf` file: its metadata's), or None when there is none."""
+        folder = model_folder(model_dir)
+        path = folder / "tokenizer_config.json"
         if not path.exists():
             return None
         config = json.loads(path.read_text())
         source = config.get("chat_template")
+        if not source and (folder / "chat_template.jinja").exists():
+            source = (folder / "chat_template.jinja").read_text()
         if isinstance(source, list):  # named templates: take "default"
             source = next((t.get("template") for t in source if t.get("name") == "default"),
                           None)

@@ -9,6 +9,7 @@ import os
 import sys
 
 from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.chat_template import ChatTemplate
 from specmesh.clients.local_stack import LocalStack, ServiceProcess
 from specmesh.clients.models import NGRAM, resolve_pair
 from specmesh.clients.types import DEFAULT_TREE, NGRAM_TREE, GenerationParams
@@ -69,6 +70,16 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
     return params  # validated on construction, before any stack starts
 
 
+def chat_prompt(model, message: str, codec) -> list[int]:
+    """`message` as one user turn of the model's chat template (its BOS once), as token ids."""
+    chat = ChatTemplate.from_model_dir(model)
+    if chat is None:
+        raise ValueError(f"{model} has no chat template; drop --chat")
+    text = chat.render([{"role": "user", "content": message}])
+    bos = chat.special_tokens.get("bos_token")
+    return codec.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
 async def _generate(args: argparse.Namespace) -> int:
     params = generation_params(args)
     target, draft = resolve_pair(args.target, args.draft)
@@ -89,12 +100,14 @@ async def _generate(args: argparse.Namespace) -> int:
                                        tokenizer_dir=str(target),
                                        cache_addr=None if args.no_cache else cache_addr,
                                        security=security) as client:
+            prompt = chat_prompt(target, args.prompt, client.codec) if args.chat else args.prompt
             if args.json:
-                result = await client.generate(args.prompt, params.max_new_tokens, params=params)
+                result = await client.generate(prompt, params.max_new_tokens, params=params)
                 print(json.dumps(result.to_json()))
             else:
-                print(args.prompt, end="", flush=True)
-                async for ev in client.stream(args.prompt, params.max_new_tokens, params=params):
+                print(args.prompt if args.chat else prompt, end="\n" if args.chat else "",
+                      flush=True)
+                async for ev in client.stream(prompt, params.max_new_tokens, params=params):
                     print(ev.text, end="", flush=True)
                     if ev.result is not None:
                         s = ev.result.stats
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text (starts a local stack if no addresses)")
     gen.add_argument("prompt")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--chat", action="store_true", help="the prompt is a user message: apply "
+                     "the model's chat template (generation stops at its end of turn)")
     _add_generation_args(gen)
     serve = sub.add_parser("serve", help="run one service (flags go to it; see --help there)",
                            add_help=False)

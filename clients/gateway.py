@@ -125,7 +125,8 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
     await server.start()
     if http_port is not None:
         chat = ChatTemplate.from_model_dir(tokenizer_dir) if tokenizer_dir else None
-        name = pathlib.Path(tokenizer_dir).name if tokenizer_dir else None
+        name = pathlib.Path(tokenizer_dir) if tokenizer_dir else None
+        name = (name.stem if name.suffix == ".gguf" else name.name) if name else None
         tokens = TokenTable(security.token_file) if security.token_file else None
         servicer.http = await start_http(build_app(client, servicer.defaults, name, chat, tokens),
                                          http_host, http_port, ssl_certfile=security.tls_cert,

@@ -6,12 +6,15 @@ import pathlib
 
 from tokenizers import Tokenizer
 
+from specmesh.clients.gguf_folder import model_folder
+
 
 class TextCodec:
     """encode(text) -> ids (with BOS as the model's tokenizer adds it); decode(ids) -> text."""
 
     def __init__(self, model_dir: str | pathlib.Path):
-        path = pathlib.Path(model_dir) / "tokenizer.json"
+        """`model_dir`: a model folder with tokenizer.json, or a `.gguf` file."""
+        path = model_folder(model_dir) / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
         self._tok = Tokenizer.from_file(str(path))

@@ -32,7 +32,11 @@ class ModelConfig:
     def from_hf(cls, path: str | pathlib.Path) -> "ModelConfig":
         """Read `path/config.json` (or a config.json path); raise ValueError on unsupported shapes."""
         p = pathlib.Path(path)
-        raw = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        return cls.from_dict(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        """From an HF config.json's fields (ValueError on unsupported shapes)."""
         model_type = raw.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} not in {SUPPORTED_MODEL_TYPES}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from specmesh.kernels import gguf
 from specmesh.kernels.config import ModelConfig
 from specmesh.kernels.model import Transformer
 
@@ -67,13 +68,19 @@ def _read_tensors(files: list[pathlib.Path], progress: Progress | None) -> dict[
 def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", fuse: bool = True,
                progress: Progress | None = None) -> LoadedModel:
-    """Load `path` (an HF model folder) as `dtype` on `device`, in eval mode; `fuse` merges
-    q/k/v and gate/up projections (frees the separate copies). `progress` wraps the tensor
-    reads (e.g. `specmesh.wire.progress.progress` for a bar on a terminal)."""
+    """Load `path` (an HF model folder, or a Llama-family `.gguf` file, dequantized) as `dtype`
+    on `device`, in eval mode; `fuse` merges q/k/v and gate/up projections (frees the separate
+    copies). `progress` wraps the tensor reads (e.g. `specmesh.wire.progress.progress`)."""
     path = pathlib.Path(path)
-    cfg = ModelConfig.from_hf(path)
-    files = _weight_files(path)
-    state = _read_tensors(files, progress)
+    if gguf.is_gguf(path):
+        r = gguf.reader(path)
+        raw = gguf.hf_config(r)
+        cfg, files = ModelConfig.from_dict(raw), [path]
+        state = gguf.hf_state_dict(r, raw, progress)
+    else:
+        cfg = ModelConfig.from_hf(path)
+        files = _weight_files(path)
+        state = _read_tensors(files, progress)
     qkv_bias = "model.layers.0.self_attn.q_proj.bias" in state
     o_bias = "model.layers.0.self_attn.o_proj.bias" in state
     model = Transformer(cfg, qkv_bias=qkv_bias, o_bias=o_bias)

@@ -10,6 +10,7 @@ import pathlib
 import time
 from collections.abc import Callable
 
+from specmesh.kernels.hf_import import installed_kernels_first
 from specmesh.loadtest.bench_results import (
     HF_ASSISTED,
     HF_TARGET,
@@ -17,7 +18,6 @@ from specmesh.loadtest.bench_results import (
     RequestSample,
     summarise,
 )
-from specmesh.loadtest.hf_import import installed_kernels_first
 from specmesh.wire.progress import progress
 
 WARMUP_TOKENS = 8

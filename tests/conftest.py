@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from specmesh.loadtest.hf_import import installed_kernels_first
+from specmesh.kernels.hf_import import installed_kernels_first
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO.parent / "shared" / "models"

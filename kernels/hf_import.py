@@ -14,7 +14,7 @@ import os
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the checkout (kernels/ is its child)
 
 
 def installed_kernels_first() -> None:
