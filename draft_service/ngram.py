@@ -51,10 +51,11 @@ def match_starts(history: np.ndarray, n: int, limit: int) -> np.ndarray:
     return hits[::-1][:limit]
 
 
-def propose_tree(history: np.ndarray, budget: int,
-                 config: NgramConfig = NgramConfig()) -> tuple[list[int], list[int]]:
+def propose_tree(history: np.ndarray, budget: int, config: NgramConfig = NgramConfig(),
+                 chain: bool = False) -> tuple[list[int], list[int]]:
     """(tokens, parents) of at most `budget` draft nodes (parents[i] = -1 for a child of the last
-    token, else an earlier index); empty when nothing in `history` repeats its suffix."""
+    token, else an earlier index); empty when nothing in `history` repeats its suffix. `chain`:
+    one path, the best-supported child at every step."""
     if budget <= 0:
         return [], []
     history = np.asarray(history)
@@ -74,6 +75,8 @@ def propose_tree(history: np.ndarray, budget: int,
                     score.append(0.0)
                 score[nxt] += n  # longer suffixes are stronger evidence
                 node = nxt
+    if chain:
+        return _best_path(children, token_of, score, budget)
     depth = [0] * len(token_of)
     for i in range(1, len(token_of)):
         depth[i] = depth[parent_of[i]] + 1
@@ -87,3 +90,14 @@ def propose_tree(history: np.ndarray, budget: int,
     tokens = [token_of[node] for node in kept]
     parents = [index[parent_of[node]] if parent_of[node] else -1 for node in kept]
     return tokens, parents
+
+
+def _best_path(children: list[dict[int, int]], token_of: list[int], score: list[float],
+               budget: int) -> tuple[list[int], list[int]]:
+    """From the root, the child with the most evidence (ties: the most recent match) each step."""
+    tokens: list[int] = []
+    node = 0
+    while children[node] and len(tokens) < budget:
+        node = min(children[node].values(), key=lambda c: (-score[c], c))
+        tokens.append(token_of[node])
+    return tokens, list(range(-1, len(tokens) - 1))

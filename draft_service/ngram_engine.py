@@ -80,7 +80,8 @@ class NgramDrafter:
         if item.spec.max_depth:
             config = NgramConfig(config.min_n, config.max_n, item.spec.max_depth,
                                  config.max_matches)
-        tokens, parents = propose_tree(history, item.spec.max_nodes, config)
+        tokens, parents = propose_tree(history, item.spec.max_nodes, config,
+                                       chain=item.spec.kind == "chain")
         # sampling: every node's children are fixed candidates (an empty draft distribution is
         # a point mass at each proposed token; kernels/sampling.py keeps that lossless)
         dists = [None] * (len(tokens) + 1) if tokens and not item.sampling.greedy else []

@@ -48,6 +48,13 @@ def test_several_continuations_make_a_tree_ranked_by_evidence():
     assert (tokens, parents) == ([7, 0, 3, 4], [-1, 0, -1, 2])
 
 
+def test_chain_follows_the_best_supported_child():
+    h = arr(1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 7, 0, 1, 2)
+    cfg = NgramConfig(min_n=2, max_n=2, max_depth=3)
+    assert propose_tree(h, 8, cfg, chain=True) == ([3, 4, 0], [-1, 0, 1])
+    assert propose_tree(h, 2, cfg, chain=True) == ([3, 4], [-1, 0])
+
+
 def test_longer_suffixes_weigh_more_and_parents_come_first():
     h = arr(9, 1, 2, 5, 3, 1, 2, 6, 9, 1, 2)  # (9,1,2) -> 5 ; (1,2) -> 6 and 5
     tokens, parents = propose_tree(h, 2, NgramConfig(min_n=2, max_n=3, max_depth=1))

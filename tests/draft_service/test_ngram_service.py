@@ -43,3 +43,29 @@ async def test_one_draft_service_serves_model_and_ngram_trees_side_by_side(model
             for out in outs:
                 assert out.token_ids == plain.token_ids
                 assert out.stats.num_accepted_tokens > 0
+
+
+GROUNDED = ("Read the passage and answer.\n\nPassage: The Amazon rainforest covers much of the "
+            "Amazon basin of South America. The basin spans 7 million square kilometres, of which "
+            "5.5 million square kilometres are covered by the rainforest.\n\nQuestion: Repeat the "
+            "second sentence of the passage exactly.")
+
+
+async def test_real_gguf_model_with_ngram_drafting_keeps_the_target_output():
+    from specmesh.clients.cli import chat_prompt
+    from specmesh.clients.models import packaged_model
+
+    try:
+        path = packaged_model("smollm2")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    async with model_server("verify", path) as (v, _), \
+            model_server("draft", None, method="ngram") as (d, _):
+        async with AsyncSpecMeshClient(v, d, str(path)) as client:
+            ids = chat_prompt(path, GROUNDED, client.codec)
+            plain = await client.generate(ids, 40, speculate=False)
+            for tree in ("chain:6", "ngram:10"):
+                out = await client.generate(ids, 40, tree=tree)
+                assert out.token_ids == plain.token_ids, tree
+                assert out.stats.num_accepted_tokens >= 5, (tree, out.stats)
+    assert "5.5 million" in client.codec.decode(plain.token_ids)
