@@ -22,21 +22,15 @@ import re
 import sys
 import time
 
+from specmesh.clients.cli import chat_prompt
 from specmesh.clients.models import resolve_pair
 from specmesh.clients.tokenizer import TextCodec
 from specmesh.loadtest.bench_report import format_report, to_json, write_plot
 from specmesh.loadtest.bench_results import TARGET, ModeRun, check_outputs, compute_ratios
 from specmesh.loadtest.bench_stack import SpecConfig, run_stack
+from specmesh.loadtest.prompts import SETS
 from specmesh.wire.tree_spec import TreeSpec
 
-# Short TinyStories-style openings; request i of a level uses prompt i (cycled past the end).
-PROMPTS = [
-    "Once upon a time", "The little dog", "One day, a girl named Lily", "Tom had a big red ball",
-    "The sun was shining and", "In a small house there lived", "The cat wanted to", "Sam and Mia",
-    "There was a tiny bird", "Mom said, \"Let's go to the park", "The boy found a box",
-    "It was a rainy day", "A little fish swam", "The old tree", "Ben liked to play with",
-    "Once there was a happy frog",
-]
 SPEED_OK = 0.95  # issue 4: loaded speculative throughput must stay >= this x target-only
 
 
@@ -91,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", type=parse_specs, default=None,
                    help="several configs: chain:4,static:4,2,2,1,dynamic:16 (+adaptive suffix)")
     p.add_argument("--target", default=None, help="target model folder or name")
-    p.add_argument("--draft", default=None, help="draft model folder or name")
+    p.add_argument("--draft", default=None, help="draft model folder or name, or 'ngram' "
+                   "(model-free drafting; the HF row is then HF's prompt lookup)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/OpenMP threads for every model process (the services and the "
                         "in-process HF runs), via OMP_NUM_THREADS; default: torch's default")
@@ -100,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs are not compared token for token and HF rows are skipped")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus for --temperature")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
+    p.add_argument("--prompts", choices=sorted(SETS), default="open",
+                   help="open: story openings; grounded: a passage and a request to copy from "
+                        "it (where n-gram drafting pays)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the chat template")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (table to stderr, no progress bar)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
@@ -145,7 +145,10 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     """Our stack at every level, then (stack stopped) the HF baselines on the first prompts."""
     codec = TextCodec(target)
     num_needed = max(args.num_prompts, max(concurrencies))
-    prompts = [codec.encode(PROMPTS[i % len(PROMPTS)]) for i in range(num_needed)]
+    texts = SETS[args.prompts]
+    texts = [texts[i % len(texts)] for i in range(num_needed)]
+    prompts = ([chat_prompt(target, t, codec) for t in texts] if args.chat
+               else [codec.encode(t) for t in texts])
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, args.repeats, _log,
                                  args.temperature, args.top_p, quiet=args.json))
@@ -178,13 +181,15 @@ def run(args: argparse.Namespace) -> int:
     checks = {f"spec >= {SPEED_OK}x target-only at c={hi} [{name}]":
               by_name[f"spec/target c={hi} [{name}]"] >= SPEED_OK
               for name in names if f"spec/target c={hi} [{name}]" in by_name}
-    title = (f"specmesh bench: target {target.name}, draft {draft.name}\n"
+    title = (f"specmesh bench: target {target.name}, draft {draft.name if draft else 'ngram'}, "
+             f"{args.prompts} prompts{' (chat)' if args.chat else ''}\n"
              f"{_decoding(args)}, {args.max_new_tokens} new tokens, {args.num_prompts} prompts x {args.repeats}, "
              f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
              f"load average {load_before:.1f} -> {load_after:.1f}, {elapsed:.0f} s")
     report = format_report(title, rows, ratios, check, checks, exact=args.temperature == 0)
     if args.json:
-        config = {"target": str(target), "draft": str(draft), "concurrency": concurrencies,
+        config = {"target": str(target), "draft": str(draft or "ngram"),
+                  "prompts": args.prompts, "chat": args.chat, "concurrency": concurrencies,
                   "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts,
                   "repeats": args.repeats,
                   "trees": names, "hf": not args.no_hf and args.temperature == 0,

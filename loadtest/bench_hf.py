@@ -45,11 +45,19 @@ def _timing_streamer():
     return TimingStreamer()
 
 
-def _load(folder: pathlib.Path):
+PROMPT_LOOKUP = "prompt-lookup:10"  # HF's own n-gram drafting, the baseline for --draft ngram
+
+
+def _load(path: pathlib.Path):
+    """An HF model folder, or a GGUF file (transformers dequantizes it to fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 
 
@@ -60,7 +68,10 @@ def _generate(model, prompt_ids: list[int], max_new_tokens: int, assistant=None)
 
     streamer = _timing_streamer()
     ids = torch.tensor([prompt_ids])  # [1, prompt_len]
-    extra = {"assistant_model": assistant} if assistant is not None else {}
+    if assistant == PROMPT_LOOKUP:
+        extra = {"prompt_lookup_num_tokens": int(PROMPT_LOOKUP.rsplit(":", 1)[1])}
+    else:
+        extra = {"assistant_model": assistant} if assistant is not None else {}
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
@@ -80,11 +91,12 @@ def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
     return RequestSample(index, new, latency, ttft, rounds, accepted)
 
 
-def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
+def run_hf(target: pathlib.Path, draft: pathlib.Path | None, prompts: list[list[int]],
            max_new_tokens: int, repeats: int, log: Callable[[str], None],
            quiet: bool = False) -> list[ModeRun]:
-    """HF target-only and HF assisted, each over all prompts in order, alternating `repeats`
-    times (requests and wall times pooled per mode)."""
+    """HF target-only and HF assisted (the draft model, or with draft None HF's prompt lookup),
+    each over all prompts in order, alternating `repeats` times (requests and wall times
+    pooled per mode)."""
     installed_kernels_first()  # before transformers, when run from a checkout
     import torch
     import transformers
@@ -92,9 +104,10 @@ def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     log(f"HF transformers {transformers.__version__}, {torch.get_num_threads()} torch threads: "
-        f"loading {target.name} and {draft.name}")
-    target_model, draft_model = _load(target), _load(draft)
-    modes = ((HF_TARGET, None), (HF_ASSISTED, draft_model))
+        f"loading {target.name} and {draft.name if draft else PROMPT_LOOKUP}")
+    target_model = _load(target)
+    assistant = _load(draft) if draft is not None else PROMPT_LOOKUP
+    modes = ((HF_TARGET, None), (HF_ASSISTED, assistant))
     pooled = {kind: ([], 0.0) for kind, _ in modes}
     for kind, assistant in modes:
         _generate(target_model, prompts[0], WARMUP_TOKENS, assistant)
@@ -113,7 +126,8 @@ def run_hf(target: pathlib.Path, draft: pathlib.Path, prompts: list[list[int]],
     bar.close()
     runs = []
     for kind, (samples, wall) in pooled.items():
-        run = summarise("hf", kind, draft.name if kind == HF_ASSISTED else "", 1, samples, wall)
+        label = (draft.name if draft else PROMPT_LOOKUP) if kind == HF_ASSISTED else ""
+        run = summarise("hf", kind, label, 1, samples, wall)
         log(f"{run.row.label}: {len(samples)} requests, {run.row.tokens_per_s:.1f} tok/s")
         runs.append(run)
     return runs

@@ -107,9 +107,10 @@ async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[lis
     modes = [StackMode(TARGET, None, temperature, top_p)] + [
         StackMode(SPEC, s, temperature, top_p) for s in specs]
     runs = []
-    log(f"starting stack: target {target.name}, draft {draft.name}")
+    log(f"starting stack: target {target.name}, draft {draft.name if draft else 'ngram'}")
     total = repeats * len(modes) * sum(max(c, num_prompts) for c in concurrencies)
-    async with LocalStack(target, draft, quiet=quiet) as stack, \
+    method = "ngram" if draft is None else "model"  # draft None: model-free n-gram drafting
+    async with LocalStack(target, draft, draft_method=method, quiet=quiet) as stack, \
             AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr) as client:
         bar = progress(total=total, desc="specmesh requests", unit="req", quiet=quiet)
         for mode in modes:  # warm-up: one short request per mode
