@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from specmesh.clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent
+from specmesh.clients.replicas import ReplicaSet
 from specmesh.clients.result_cache import ResultCache
 from specmesh.clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
 from specmesh.clients.step import Stubs
@@ -58,6 +59,7 @@ class AsyncSpecMeshClient:
         self.results = ResultCache(cache_addr, security=self.security) if cache_addr else None
         self._scheduler_config = scheduler or SchedulerConfig()
         self._channels: list[grpc.aio.Channel] = []
+        self._replica_sets: list[ReplicaSet] = []
         self.target_info: common_pb2.ModelInfo | None = None
         self.draft_info: common_pb2.ModelInfo | None = None
         self._loop: BatchLoop | None = None
@@ -84,16 +86,23 @@ class AsyncSpecMeshClient:
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
 
+    def _stub(self, target: str, make_stub):
+        """A stub for one address; a ReplicaSet (same calls, sequence affinity, failover) for
+        several ('h1:p,h2:p') or a name that resolves to several ('dns:///name:port')."""
+        if "," in target or target.startswith("dns:///"):
+            replicas = ReplicaSet.connect(target, make_stub, self.security)
+            self._replica_sets.append(replicas)
+            return replicas
+        channel = self.security.channel(target, CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return make_stub(channel)
+
     async def _connect(self) -> None:
-        verify_ch = self.security.channel(self.verify_addr, CHANNEL_OPTIONS)
-        self._channels.append(verify_ch)
-        verify = verify_pb2_grpc.VerifyServiceStub(verify_ch)
+        verify = self._stub(self.verify_addr, verify_pb2_grpc.VerifyServiceStub)
         self.target_info = await verify.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
         draft = None
         if self.draft_addr:
-            draft_ch = self.security.channel(self.draft_addr, CHANNEL_OPTIONS)
-            self._channels.append(draft_ch)
-            draft = draft_pb2_grpc.DraftServiceStub(draft_ch)
+            draft = self._stub(self.draft_addr, draft_pb2_grpc.DraftServiceStub)
             self.draft_info = await draft.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
             # vocab 0: a model-free (n-gram) draft proposes the sequence's own tokens
             if self.draft_info.vocab_size not in (0, self.target_info.vocab_size):
@@ -117,6 +126,9 @@ class AsyncSpecMeshClient:
         for ch in self._channels:
             await ch.close()
         self._channels.clear()
+        for replicas in self._replica_sets:
+            await replicas.close()
+        self._replica_sets.clear()
 
     # -- public API ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, *,
