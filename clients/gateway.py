@@ -158,7 +158,7 @@ async def serve(args: argparse.Namespace) -> None:
     await servicer.client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmesh serve gateway")
     parser.add_argument("--verify-addr", required=True)
     parser.add_argument("--draft-addr", default=None, help="omit for target-only decoding")
@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
                         default=GATEWAY_MAX_MESSAGE_BYTES / (1 << 20),
                         help="largest gRPC message either way, MiB")
     add_dataclass_args(parser, Security)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     die_with_parent()
     logging.basicConfig(level=logging.INFO)
