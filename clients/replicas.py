@@ -1,7 +1,8 @@
 """Several replicas of one model service behind one stub-like object, with sequence affinity.
 
     verify = ReplicaSet.connect("h1:50053,h2:50053", verify_pb2_grpc.VerifyServiceStub)
-    verify = ReplicaSet.connect("dns:///verify.specmesh.svc:50053", ...)  # every A record
+    verify = ReplicaSet.connect("dns:///verify.specmesh.svc:50053", ...)  # every A record,
+                                                                         # re-resolved every 10 s
     await verify.VerifyBatch(request, timeout=...)   # same calls as the generated stub
 
 Each sequence is pinned to one replica: on first sight by rendezvous hashing of its id over the
@@ -70,26 +71,56 @@ class ReplicaSet:
     probe_interval_s: float = 0.5
     pinned: dict[str, str] = field(default_factory=dict)  # seq_id -> address
     stalls: list[float] = field(default_factory=list)  # seconds each failed replica was out
+    target: str = ""  # what it was built from; dns:/// names are re-resolved by refresh()
+    make_stub: Callable | None = None
+    security: Security | None = None
+    resolve_every_s: float = 10.0
     _probe: asyncio.Task | None = None
+    _resolved_at: float = 0.0
 
     @classmethod
     def connect(cls, target: str, make_stub: Callable, security: Security | None = None,
                 **kwargs) -> "ReplicaSet":
-        security = security or Security()
-        replicas = []
-        for address in expand(target):
-            channel = security.channel(address, CHANNEL_OPTIONS)
-            replicas.append(Replica(address, channel, make_stub(channel)))
-        if not replicas:
+        made = cls([], target=target, make_stub=make_stub, security=security or Security(),
+                   **kwargs)
+        made.refresh()
+        if not made.replicas:
             raise ValueError(f"no replica addresses in {target!r}")
-        return cls(replicas, **kwargs)
+        return made
+
+    def refresh(self) -> None:
+        """Resolve the target again: new addresses join (live), vanished ones leave (their
+        sequences move on their next call, as after a failure)."""
+        self._resolved_at = time.monotonic()
+        addresses = expand(self.target)
+        known = {r.address: r for r in self.replicas}
+        for address in addresses:
+            if address not in known:
+                channel = self.security.channel(address, CHANNEL_OPTIONS)
+                self.replicas.append(Replica(address, channel, self.make_stub(channel)))
+        gone = [r for r in self.replicas if r.address not in addresses]
+        for r in gone:
+            self.replicas.remove(r)
+            for seq_id in [s for s, a in self.pinned.items() if a == r.address]:
+                del self.pinned[seq_id]
+            if _loop_running():
+                asyncio.ensure_future(r.channel.close())
+
+    def _maybe_refresh(self) -> None:
+        if "dns:///" in self.target and time.monotonic() - self._resolved_at > self.resolve_every_s:
+            try:
+                self.refresh()
+            except OSError as exc:  # DNS trouble: keep the replicas we have
+                log.warning("re-resolving %s failed: %s", self.target, exc)
 
     @property
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]
 
     def route(self, seq_id: str) -> Replica | None:
-        """The sequence's replica (pinned; a new or orphaned one by rendezvous over the live)."""
+        """The sequence's replica (pinned; a new or orphaned one by rendezvous over the live).
+        A pinned id whose replica left (re-resolution) is routed anew and answered NOT_FOUND
+        by the new replica, which makes the client resend its context."""
         by_address = {r.address: r for r in self.replicas}
         current = by_address.get(self.pinned.get(seq_id, ""))
         if current is not None and current.alive:
@@ -162,6 +193,7 @@ class ReplicaSet:
     async def _batch(self, method: str, request, timeout):
         """Split by replica, call concurrently, reassemble in order; a failed replica's items
         come back NOT_FOUND (moved: resend the context) or UNAVAILABLE when none is live."""
+        self._maybe_refresh()
         groups: dict[str, list[int]] = {}
         routes = [self.route(req.header.sequence_id) for req in request.requests]
         for i, r in enumerate(routes):
@@ -212,6 +244,14 @@ _REPLIES = {"ProposeBatch": (draft_pb2.ProposeBatchResponse, draft_pb2.ProposeRe
             "VerifyBatch": (verify_pb2.VerifyBatchResponse, verify_pb2.VerifyResult)}
 _RELEASE_REPLIES = {draft_pb2.ReleaseRequest: draft_pb2.ReleaseResponse,
                     verify_pb2.VerifyReleaseRequest: verify_pb2.VerifyReleaseResponse}
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _item_error(code: grpc.StatusCode, message: str) -> common_pb2.ItemError:

@@ -32,6 +32,22 @@ def test_rendezvous_is_stable_and_moves_only_the_lost_replicas_ids():
     assert all(two[s] == three[s] for s in ids if three[s] != "b")  # only b's ids moved
 
 
+async def test_dns_targets_are_re_resolved(monkeypatch):
+    import specmesh.clients.replicas as replicas
+
+    answers = {"dns:///svc:1": ["10.0.0.1:1", "10.0.0.2:1"]}
+    monkeypatch.setattr(replicas, "expand", lambda target: answers[target])
+    rs = replicas.ReplicaSet.connect("dns:///svc:1", lambda channel: object(),
+                                     resolve_every_s=0.0)
+    rs.pinned.update({"a": "10.0.0.1:1", "b": "10.0.0.2:1"})
+    answers["dns:///svc:1"] = ["10.0.0.2:1", "10.0.0.3:1"]  # a pod left, one arrived
+    rs._maybe_refresh()
+    assert [r.address for r in rs.replicas] == ["10.0.0.2:1", "10.0.0.3:1"]
+    assert rs.pinned == {"b": "10.0.0.2:1"}  # a's replica left: routed anew on its next call
+    assert rs.route("a").address in {"10.0.0.2:1", "10.0.0.3:1"}
+    await rs.close()
+
+
 async def _outputs(client, n: int, max_new: int = 32) -> list[list[int]]:
     outs = await asyncio.gather(*(client.generate(PROMPTS[i % len(PROMPTS)], max_new,
                                                   ignore_eos=True) for i in range(n)))
