@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import torch
 
 from specmesh.clients.tokenizer import TextCodec
 from specmesh.draft_service.engine import ProposeItem
@@ -16,17 +15,10 @@ from specmesh.draft_service.ngram_engine import NgramDrafter
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_TARGET
 from tests.test_sampling_lossless import check, hf_target_pairs, sample_pairs
+from tests.test_sampling_lossless import one_thread  # noqa: F401 - the autouse fixture
 
 pytestmark = pytest.mark.models
 TEXT = "One day, a girl saw a cat. One day, a boy saw a dog. One day, a"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
