@@ -14,8 +14,12 @@ from specmesh.draft_service.engine import ProposeItem
 from specmesh.draft_service.ngram_engine import NgramDrafter
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import TINY_TARGET
-from tests.test_sampling_lossless import check, hf_target_pairs, sample_pairs
-from tests.test_sampling_lossless import one_thread  # noqa: F401 - the autouse fixture
+from tests.test_sampling_lossless import (
+    check,
+    hf_target_pairs,
+    one_thread,  # noqa: F401 - the autouse fixture
+    sample_pairs,
+)
 
 pytestmark = pytest.mark.models
 TEXT = "One day, a girl saw a cat. One day, a boy saw a dog. One day, a"
