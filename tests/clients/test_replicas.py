@@ -102,3 +102,30 @@ async def test_kill_9_of_a_replica_mid_run_keeps_every_output(models, victim):
     finally:
         for p in procs.values():
             p.stop()
+
+
+@pytest.mark.models
+@pytest.mark.redis
+async def test_a_prefix_prefilled_on_one_replica_is_a_cache_hit_on_another(models, redis_server):
+    from specmesh.cache_service.__main__ import start_server
+    from specmesh.cache_service.config import CacheServiceConfig
+
+    server, cache = await start_server(CacheServiceConfig(redis_url=redis_server.url))
+    cache_addr = f"127.0.0.1:{server.port}"
+    story = ("Once upon a time, there was a little girl named Lily. She loved to play outside "
+             "in the park. One day, she saw a big, red ball.")
+    try:
+        async with model_server("verify", models / TINY_TARGET, cache_addr=cache_addr) as (
+                v1, s1), model_server("verify", models / TINY_TARGET, cache_addr=cache_addr) as (
+                v2, s2):
+            async with AsyncSpecMeshClient(v1, None, str(models / TINY_TARGET)) as a:
+                first = await a.generate(story, 16, ignore_eos=True)
+            await s1.prefix.drain()  # replica A's chunks are in the cache
+            async with AsyncSpecMeshClient(v2, None, str(models / TINY_TARGET)) as b:
+                second = await b.generate(story, 16, ignore_eos=True)
+            assert second.token_ids == first.token_ids
+            assert s1.prefix.stats.hits == 0 and s2.prefix.stats.hits == 1
+            assert s2.prefix.stats.tokens_loaded >= 32  # whole chunks prefilled on replica A
+    finally:
+        await server.stop(0.1)
+        await cache.close()
