@@ -12,7 +12,8 @@ from specmesh.wire.security import Security
 @dataclass(frozen=True)
 class CacheServiceConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis to store in (redis:// or rediss://, optional /db). Eviction is Redis's own:
+    """Redis to store in (redis:// or rediss://, optional /db; redis+cluster://host:port for a
+    Redis Cluster, any node). Eviction is Redis's own:
     run it with `--maxmemory <size> --maxmemory-policy allkeys-lru`."""
     host: str = "127.0.0.1"
     """Interface to bind."""
@@ -44,9 +45,10 @@ class CacheServiceConfig:
     need a `service` token. rediss:// URLs take TLS options as query parameters."""
 
     def __post_init__(self):
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://",
+                                          "redis+cluster://", "rediss+cluster://")):
             raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, "
-                             "rediss:// or unix://")
+                             "rediss://, unix:// or redis+cluster:// (rediss+cluster://)")
         if self.chunk_ttl_s < 0 or self.result_ttl_s < 0:
             raise ValueError("chunk_ttl_s and result_ttl_s must be >= 0")
         if min(self.max_result_bytes, self.max_chunk_bytes, self.piece_bytes) <= 0:

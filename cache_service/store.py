@@ -1,9 +1,13 @@
 """Redis storage layout over redis.asyncio: where chunks and results live, with TTLs.
 
-    specmesh:v1:kvdata:<key>  chunk payload (codec.encode_chunk bytes)
-    specmesh:v1:kv:<key>      chunk marker (payload size); written only after the payload, so a
-                              reader that sees a marker never sees half an entry
-    specmesh:v1:res:<key>     result value (codec.encode_result bytes)
+    specmesh:v2:kvdata:{<key>}  chunk payload (codec.encode_chunk bytes)
+    specmesh:v2:kv:{<key>}      chunk marker (payload size); written only after the payload, so a
+                                reader that sees a marker never sees half an entry
+    specmesh:v2:res:{<key>}     result value (codec.encode_result bytes)
+
+The `{<key>}` hash tag puts a chunk's payload and marker in one Redis Cluster slot. A URL
+`redis+cluster://host:port` (or `rediss+cluster://`) selects Redis Cluster
+(`redis.asyncio.cluster.RedisCluster`: MOVED/ASK handled there; multi-key reads split by slot).
 
 Errors propagate (redis.RedisError, OSError, asyncio.TimeoutError); the engine turns them into
 misses. Eviction is Redis's own (`maxmemory` + `allkeys-lru`); an evicted payload whose marker
@@ -15,37 +19,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-NAMESPACE = "specmesh:v1"
+NAMESPACE = "specmesh:v2"
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def marker_key(key: str) -> str:
-    return f"{NAMESPACE}:kv:{key}"
+    return f"{NAMESPACE}:kv:{{{key}}}"
 
 
 def payload_key(key: str) -> str:
-    return f"{NAMESPACE}:kvdata:{key}"
+    return f"{NAMESPACE}:kvdata:{{{key}}}"
 
 
 def result_store_key(key: str) -> str:
-    return f"{NAMESPACE}:res:{key}"
+    return f"{NAMESPACE}:res:{{{key}}}"
 
 
 class RedisStore:
     """Chunk and result storage on one Redis (a redis.asyncio client, usually from a URL)."""
 
-    def __init__(self, client: aioredis.Redis):
-        self.client = client
+    def __init__(self, client):
+        self.client = client  # redis.asyncio Redis or RedisCluster
+        self.cluster = isinstance(client, RedisCluster)
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float) -> RedisStore:
-        """Short socket timeouts and one immediate retry (a fresh connection after a restart)."""
-        client = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1), decode_responses=False)
-        return cls(client)
+        """Short socket timeouts and one immediate retry (a fresh connection after a restart);
+        redis+cluster:// (rediss+cluster://) for Redis Cluster."""
+        options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       decode_responses=False)
+        if url.startswith(CLUSTER_SCHEMES):
+            plain = url.replace("+cluster", "", 1)
+            return cls(RedisCluster.from_url(plain, **options))
+        return cls(aioredis.from_url(url, retry=Retry(NoBackoff(), 1), **options))
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
@@ -63,7 +73,10 @@ class RedisStore:
         """The payload of each key, in order (None where missing); one round trip."""
         if not keys:
             return []
-        return await self.client.mget([payload_key(k) for k in keys])
+        names = [payload_key(k) for k in keys]
+        if self.cluster:  # chunks of one prefix live in different slots
+            return await self.client.mget_nonatomic(names)
+        return await self.client.mget(names)
 
     async def put_chunk(self, key: str, payload: bytes, ttl_s: int) -> None:
         """Write the payload, then (only if that succeeded) its marker."""
