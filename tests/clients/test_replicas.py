@@ -129,3 +129,44 @@ async def test_a_prefix_prefilled_on_one_replica_is_a_cache_hit_on_another(model
     finally:
         await server.stop(0.1)
         await cache.close()
+
+
+@pytest.mark.models
+@pytest.mark.redis
+async def test_two_by_two_over_a_redis_cluster_survive_a_dead_master(models, tmp_path):
+    """2 verify + 2 draft replicas sharing a cache service on a 3-master Redis Cluster; one
+    master is killed mid-run: no request fails and every output is the target-only output."""
+    from specmesh.cache_service.__main__ import start_server
+    from specmesh.cache_service.config import CacheServiceConfig
+    from tests.cache_service.test_cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    server, cache = await start_server(CacheServiceConfig(
+        redis_url=cluster.url, redis_timeout_s=0.3, retry_after_s=0.5))
+    c = f"127.0.0.1:{server.port}"
+    story = "Once upon a time, there was a little girl named Lily. She loved to play outside. "
+    try:
+        async with model_server("verify", models / TINY_TARGET, cache_addr=c) as (v1, _), \
+                model_server("verify", models / TINY_TARGET, cache_addr=c) as (v2, _), \
+                model_server("draft", models / TINY_DRAFT, cache_addr=c) as (d1, _), \
+                model_server("draft", models / TINY_DRAFT, cache_addr=c) as (d2, _):
+            prompts = [story + p for p in PROMPTS]
+            async with AsyncSpecMeshClient(v1, None, str(models / TINY_TARGET)) as single:
+                want = [o.token_ids for o in await asyncio.gather(*(
+                    single.generate(p, 32, ignore_eos=True, speculate=False) for p in prompts))]
+            async with AsyncSpecMeshClient(f"{v1},{v2}", f"{d1},{d2}",
+                                           str(models / TINY_TARGET)) as client:
+                run = asyncio.gather(*(client.generate(prompts[i % len(prompts)], 32,
+                                                       ignore_eos=True) for i in range(24)))
+                await asyncio.sleep(0.2)
+                assert not run.done()  # the master dies mid-run
+                cluster.kill(cluster.ports[2])
+                got = [o.token_ids for o in await run]
+                verify_set, _ = client._replica_sets
+                assert all(r.items_served > 0 for r in verify_set.replicas)
+        assert got == [want[i % len(prompts)] for i in range(24)]
+    finally:
+        await server.stop(0.1)
+        await cache.close()
+        cluster.stop()
