@@ -52,6 +52,12 @@ class ChatTemplate:
                                                          "pad_token")}
         return cls(source, tokens)
 
+    def encode(self, messages: Sequence[dict], codec) -> list[int]:
+        """The rendered prompt as token ids: the template's own BOS, else the tokenizer's."""
+        text = self.render(messages)
+        bos = self.special_tokens.get("bos_token")
+        return codec.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text; InvalidRequest names the bad message field."""
         for i, m in enumerate(messages):

@@ -70,14 +70,12 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
     return params  # validated on construction, before any stack starts
 
 
-def chat_prompt(model, message: str, codec) -> list[int]:
-    """`message` as one user turn of the model's chat template (its BOS once), as token ids."""
+def chat_prompts(model, messages: list[str], codec) -> list[list[int]]:
+    """Each message as one user turn of the model's chat template, as token ids."""
     chat = ChatTemplate.from_model_dir(model)
     if chat is None:
         raise ValueError(f"{model} has no chat template; drop --chat")
-    text = chat.render([{"role": "user", "content": message}])
-    bos = chat.special_tokens.get("bos_token")
-    return codec.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    return [chat.encode([{"role": "user", "content": m}], codec) for m in messages]
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -100,7 +98,8 @@ async def _generate(args: argparse.Namespace) -> int:
                                        tokenizer_dir=str(target),
                                        cache_addr=None if args.no_cache else cache_addr,
                                        security=security) as client:
-            prompt = chat_prompt(target, args.prompt, client.codec) if args.chat else args.prompt
+            prompt = (chat_prompts(target, [args.prompt], client.codec)[0] if args.chat
+                      else args.prompt)
             if args.json:
                 result = await client.generate(prompt, params.max_new_tokens, params=params)
                 print(json.dumps(result.to_json()))

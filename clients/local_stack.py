@@ -188,6 +188,8 @@ class LocalStack:
     """TLS, bearer tokens and a cache MAC key, from a throwaway CA and secrets made for this
     stack (`self.secrets`; `self.client_security()` for its clients)."""
     secrets: LocalSecrets | None = field(default=None, init=False, repr=False)
+    _secrets_dir: tempfile.TemporaryDirectory | None = field(default=None, init=False,
+                                                             repr=False)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     redis: EmbeddedRedis | None = field(default=None, init=False, repr=False)
 
@@ -285,6 +287,6 @@ class LocalStack:
             self.services[name].stop()
         if self.redis is not None:
             self.redis.stop()
-        if getattr(self, "_secrets_dir", None) is not None:
+        if self._secrets_dir is not None:
             self._secrets_dir.cleanup()
             self._secrets_dir = None

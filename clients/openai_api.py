@@ -159,10 +159,7 @@ class _Api:
             raise InvalidRequest("messages", f"model {self.model!r} has no chat template; "
                                  "use /v1/completions")
         params = _params(req, self.defaults, req.max_completion_tokens or req.max_tokens)
-        text = self.chat.render(req.messages)
-        bos = self.chat.special_tokens.get("bos_token")
-        ids = self.client.codec.encode(text, add_special_tokens=not (bos and
-                                                                      text.startswith(bos)))
+        ids = self.chat.encode(req.messages, self.client.codec)
         return await self._respond(req, ids, params, "chat.completion")
 
     async def _respond(self, req: _Sampling, prompt, params: GenerationParams, kind: str):

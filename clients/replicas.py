@@ -186,7 +186,8 @@ class ReplicaSet:
         by_address = {r.address: r for r in self.replicas}
         replies = await asyncio.gather(*(
             by_address[a].stub.Release(type(request)(sequence_ids=ids), timeout=timeout)
-            for a, ids in groups.items() if by_address[a].alive), return_exceptions=True)
+            for a, ids in groups.items() if a in by_address and by_address[a].alive),
+            return_exceptions=True)
         released = sum(r.num_released for r in replies if not isinstance(r, BaseException))
         return _RELEASE_REPLIES[type(request)](num_released=released)
 
@@ -205,7 +206,9 @@ class ReplicaSet:
             if address is not None:
                 finished.setdefault(address, []).append(seq_id)
         by_address = {r.address: r for r in self.replicas}
-        todo = set(groups) | {a for a in finished if by_address[a].alive}
+        # one call per replica with work (finished ids of a replica that left or died: dropped)
+        todo = sorted(set(groups) | {a for a in finished
+                                     if a in by_address and by_address[a].alive})
         calls = {a: type(request)(requests=[request.requests[i] for i in groups.get(a, [])],
                                   finished_sequence_ids=finished.get(a, [])) for a in todo}
         replies = await asyncio.gather(*(getattr(by_address[a].stub, method)(

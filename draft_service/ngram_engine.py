@@ -8,6 +8,7 @@ eviction) and `max_tokens` tokens per sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -78,8 +79,7 @@ class NgramDrafter:
         history = self.histories.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
         config = self.config
         if item.spec.max_depth:
-            config = NgramConfig(config.min_n, config.max_n, item.spec.max_depth,
-                                 config.max_matches)
+            config = dataclasses.replace(config, max_depth=item.spec.max_depth)
         tokens, parents = propose_tree(history, item.spec.max_nodes, config,
                                        chain=item.spec.kind == "chain")
         # sampling: every node's children are fixed candidates (an empty draft distribution is

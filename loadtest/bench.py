@@ -22,7 +22,7 @@ import re
 import sys
 import time
 
-from specmesh.clients.cli import chat_prompt
+from specmesh.clients.cli import chat_prompts
 from specmesh.clients.models import resolve_pair
 from specmesh.clients.tokenizer import TextCodec
 from specmesh.loadtest.bench_report import format_report, to_json, write_plot
@@ -147,7 +147,7 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     num_needed = max(args.num_prompts, max(concurrencies))
     texts = SETS[args.prompts]
     texts = [texts[i % len(texts)] for i in range(num_needed)]
-    prompts = ([chat_prompt(target, t, codec) for t in texts] if args.chat
+    prompts = (chat_prompts(target, texts, codec) if args.chat
                else [codec.encode(t) for t in texts])
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, args.repeats, _log,

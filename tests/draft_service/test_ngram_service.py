@@ -52,7 +52,7 @@ GROUNDED = ("Read the passage and answer.\n\nPassage: The Amazon rainforest cove
 
 
 async def test_real_gguf_model_with_ngram_drafting_keeps_the_target_output():
-    from specmesh.clients.cli import chat_prompt
+    from specmesh.clients.cli import chat_prompts
     from specmesh.clients.models import packaged_model
 
     try:
@@ -62,7 +62,7 @@ async def test_real_gguf_model_with_ngram_drafting_keeps_the_target_output():
     async with model_server("verify", path) as (v, _), \
             model_server("draft", None, method="ngram") as (d, _):
         async with AsyncSpecMeshClient(v, d, str(path)) as client:
-            ids = chat_prompt(path, GROUNDED, client.codec)
+            (ids,) = chat_prompts(path, [GROUNDED], client.codec)
             plain = await client.generate(ids, 40, speculate=False)
             for tree in ("chain:6", "ngram:10"):
                 out = await client.generate(ids, 40, tree=tree)
