@@ -242,7 +242,7 @@ class _Generation:
             self.seq_id, tuple(self.prompt_ids), min(self.params.max_new_tokens, room),
             eos_token_id=eos if eos >= 0 else None, ignore_eos=self.params.ignore_eos,
             max_spec_tokens=self.spec.max_nodes, tree=self.spec,
-            sampling=self.params.sampling_proto())
+            sampling=self.params.sampling_proto(), priority=self.params.priority)
         events = loop.submit(request, adaptive=self.params.adaptive)
         try:
             async for item in events:
@@ -264,6 +264,8 @@ class _Generation:
         s = self.stats
         if s.num_generated_tokens == 0 and ev.tokens:
             s.time_to_first_token_s = time.perf_counter() - self.start
+        if s.num_rounds == 0:
+            s.queue_time_s = ev.queue_s
         s.num_rounds += 1
         s.num_draft_tokens += ev.num_drafted
         s.num_accepted_tokens += ev.num_accepted

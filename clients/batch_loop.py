@@ -38,6 +38,7 @@ class RoundEvent:
     finish_reason: str | None
     num_drafted: int
     num_accepted: int
+    queue_s: float = 0.0  # on a sequence's first event: its wait from submission to a round
 
 
 class PerRequestPolicy:
@@ -66,6 +67,8 @@ class BatchLoop:
         self._wake = asyncio.Event()
         self.backoff_s = 0.0
         self.outage_since: dict[str, float] = {}  # seq_id -> first unanswered Verify
+        self._submitted: dict[str, float] = {}  # seq_id -> submission time, until it runs
+        self._queue_s: dict[str, float] = {}  # seq_id -> its queue wait, until delivered
 
     # -- requests in and out ---------------------------------------------------------------
     async def submit(self, request: SequenceRequest, adaptive: bool = False
@@ -76,6 +79,7 @@ class BatchLoop:
         seq_id = request.request_id
         self.scheduler.add(request)
         self._sinks[seq_id] = queue.put_nowait
+        self._submitted[seq_id] = time.perf_counter()
         if adaptive:
             self.policy.adaptive_ids.add(seq_id)
         self._wake.set()
@@ -89,6 +93,8 @@ class BatchLoop:
                     return
         finally:
             self._sinks.pop(seq_id, None)
+            self._submitted.pop(seq_id, None)
+            self._queue_s.pop(seq_id, None)
             self.cancel(seq_id)
 
     def cancel(self, seq_id: str, reason: str = "cancelled") -> None:
@@ -134,6 +140,10 @@ class BatchLoop:
         ride on both."""
         steps = plan.deltas()
         finished = plan.finished_sequence_ids
+        now = time.perf_counter()
+        for new in plan.new:
+            if new.seq_id in self._submitted:
+                self._queue_s[new.seq_id] = now - self._submitted.pop(new.seq_id)
         drafting = [d for d in steps if d.spec.enabled]
         t0 = time.perf_counter()
         proposed = await propose_batch(self.stubs, drafting, finished)
@@ -190,7 +200,8 @@ class BatchLoop:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return self._outage(seq_id, err)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.scheduler.preempt(seq_id)  # its KV is freed with the next plan
+            # a batch sequence gives way to an interactive one; KV is freed with the next plan
+            self.scheduler.preempt_for(seq_id)
             return True
         self._fail(seq_id, error_from_rpc(err))
         return False
@@ -209,7 +220,8 @@ class BatchLoop:
             self.policy.adaptive.observe_round(seq_id, _depth(proposal),
                                                reply.num_accepted_draft_tokens)
         self._deliver(seq_id, RoundEvent(result.appended, result.finish_reason, drafted,
-                                         reply.num_accepted_draft_tokens))
+                                         reply.num_accepted_draft_tokens,
+                                         self._queue_s.pop(seq_id, 0.0)))
 
     def _outage(self, seq_id: str, err: grpc.aio.AioRpcError) -> bool:
         """The verify service did not answer: keep the sequence (the round is retried after a

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 
-from specmesh.clients.async_client import AsyncSpecMeshClient
-from specmesh.clients.chat_template import ChatTemplate
 from specmesh.clients.http_server import HttpServer, start_http
+from specmesh.clients.model_router import ModelRouter
 from specmesh.clients.openai_api import build_app
-from specmesh.clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams
+from specmesh.clients.registry import ModelEntry, Registry
+from specmesh.clients.types import DEFAULT_TREE, SAMPLING_FIELDS, GenerationParams, GenerationResult
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from specmesh.wire.config_args import add_dataclass_args, from_args
 from specmesh.wire.errors import InvalidRequest
@@ -24,6 +25,9 @@ from specmesh.wire.security import Security, TokenTable
 from specmesh.wire.server import build_server, die_with_parent, serve_until_signal
 from specmesh.wire.tree_spec import TreeSpec
 
+log = logging.getLogger(__name__)
+PRIORITY = {generate_pb2.PRIORITY_UNSPECIFIED: "interactive",
+            generate_pb2.PRIORITY_INTERACTIVE: "interactive", generate_pb2.PRIORITY_BATCH: "batch"}
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
 FINISH = {"length": generate_pb2.FINISH_REASON_LENGTH, "eos": generate_pb2.FINISH_REASON_EOS,
           "stop": generate_pb2.FINISH_REASON_STOP,
@@ -39,13 +43,16 @@ def to_params(req: generate_pb2.GenerateRequest, defaults: GenerationParams) -> 
     tree = TreeSpec.from_proto(req.tree_spec) if req.HasField("tree_spec") else defaults.tree
     speculate = req.speculate if req.HasField("speculate") else defaults.speculate
     s = req.sampling
+    if req.priority not in PRIORITY:
+        raise InvalidRequest("priority", f"{req.priority}: not a Priority value")
     try:
         return GenerationParams(
             max_new_tokens=max_new_tokens, temperature=s.temperature,
             top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
             seed=s.seed if s.HasField("seed") else None, stop=tuple(req.stop),
             ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
-            adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive)
+            adaptive=req.adaptive if req.HasField("adaptive") else defaults.adaptive,
+            priority=PRIORITY[req.priority])
     except InvalidRequest as exc:
         raise InvalidRequest(_request_field(exc.field), exc.problem) from exc
 
@@ -60,16 +67,19 @@ def _request_field(field: str) -> str:
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, client: AsyncSpecMeshClient, defaults: GenerationParams | None = None,
-                 metrics: ServiceMetrics | None = None):
-        self.client = client
-        self.defaults = defaults or GenerationParams()
+    def __init__(self, router: ModelRouter, metrics: ServiceMetrics | None = None):
+        self.router = router
         self.metrics = metrics or ServiceMetrics("gateway")
         self.http: HttpServer | None = None  # the OpenAI-compatible API, when served
         self.metrics_port: int | None = None  # where its Prometheus metrics are served
 
+    async def close(self) -> None:
+        await self.router.close()
+
+    async def ListModels(self, request, context):
+        return list_models(self.router)
+
     async def Generate(self, request, context):
-        params = to_params(request, self.defaults)
         which = request.WhichOneof("prompt")
         if which == "text":
             prompt = request.text
@@ -77,45 +87,83 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             prompt = list(request.token_ids.ids)
         else:
             raise InvalidRequest("prompt", "set text or token_ids")
-        vocab = self.client.target_info.vocab_size
-        if isinstance(prompt, list):
-            for i, t in enumerate(prompt):
-                if not 0 <= t < vocab:
-                    raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} outside [0, {vocab})")
-        async for ev in self.client.stream(prompt, params.max_new_tokens, params=params):
-            msg = generate_pb2.GenerateResponse(token_ids=ev.token_ids, text=ev.text)
-            if ev.result is not None:
-                s, r = ev.result.stats, ev.result
-                self.metrics.observe_tokens(len(r.token_ids), s.total_time_s)
-                msg.finish_reason = FINISH[r.finish_reason]
-                msg.matched_stop = r.matched_stop or ""
-                msg.stats.CopyFrom(generate_pb2.GenerationStats(
-                    num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
-                    num_accepted_tokens=s.num_accepted_tokens,
-                    num_prompt_tokens=len(r.prompt_token_ids),
-                    num_generated_tokens=len(r.token_ids), tokens_per_s=s.tokens_per_s,
-                    time_to_first_token_s=s.time_to_first_token_s, total_time_s=s.total_time_s,
-                    mean_accepted_per_round=s.mean_accepted_per_round, cache_hit=s.cache_hit))
-            yield msg
+        async with self.router.use(request.model) as route:
+            params = route.check(to_params(request, route.defaults))
+            vocab = route.client.target_info.vocab_size
+            if isinstance(prompt, list):
+                for i, t in enumerate(prompt):
+                    if not 0 <= t < vocab:
+                        raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} outside [0, {vocab})")
+            async for ev in route.client.stream(prompt, params.max_new_tokens, params=params):
+                msg = generate_pb2.GenerateResponse(token_ids=ev.token_ids, text=ev.text)
+                if ev.result is not None:
+                    self._finish(msg, ev.result, route.entry.key, params.priority)
+                yield msg
+
+    def _finish(self, msg: generate_pb2.GenerateResponse, r: GenerationResult, model: str,
+                priority: str) -> None:
+        s = r.stats
+        self.metrics.observe_tokens(len(r.token_ids), s.total_time_s)
+        self.metrics.observe_generation(model, priority, len(r.token_ids),
+                                        s.time_to_first_token_s, s.total_time_s, s.queue_time_s)
+        msg.finish_reason = FINISH[r.finish_reason]
+        msg.matched_stop = r.matched_stop or ""
+        msg.model = model
+        msg.stats.CopyFrom(generate_pb2.GenerationStats(
+            num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
+            num_accepted_tokens=s.num_accepted_tokens, num_prompt_tokens=len(r.prompt_token_ids),
+            num_generated_tokens=len(r.token_ids), tokens_per_s=s.tokens_per_s,
+            time_to_first_token_s=s.time_to_first_token_s, total_time_s=s.total_time_s,
+            mean_accepted_per_round=s.mean_accepted_per_round, cache_hit=s.cache_hit))
 
 
-async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir: str | None,
-                        port: int = 0, host: str = "127.0.0.1",
+def list_models(router: ModelRouter) -> generate_pb2.ListModelsResponse:
+    reply = generate_pb2.ListModelsResponse(default_model=router.registry.default_entry.key)
+    for e in router.entries:
+        reply.models.add(name=e.name, version=e.version, key=e.key, is_default=e.default,
+                         weight=e.weight, default_tree=e.tree.to_proto(),
+                         max_new_tokens=e.max_new_tokens)
+    return reply
+
+
+def flags_registry(verify_addr: str, draft_addr: str | None, tokenizer_dir: str | None,
+                   defaults: GenerationParams | None = None, cache_addr: str | None = None,
+                   model_name: str | None = None) -> Registry:
+    """The one-model registry of a gateway configured by flags; the model is named
+    `model_name`, else after its tokenizer folder (or .gguf file), else "default"."""
+    defaults = defaults or GenerationParams()
+    if model_name is None and tokenizer_dir:
+        path = pathlib.Path(tokenizer_dir)
+        model_name = path.stem if path.suffix == ".gguf" else path.name
+    return Registry.single(ModelEntry(
+        model_name or "default", "1", verify_addr, draft_addr if defaults.speculate else None,
+        cache_addr, tokenizer_dir, defaults.tree, defaults.adaptive, default=True))
+
+
+async def start_gateway(verify_addr: str | None, draft_addr: str | None,
+                        tokenizer_dir: str | None, port: int = 0, host: str = "127.0.0.1",
                         defaults: GenerationParams | None = None, cache_addr: str | None = None,
                         metrics_port: int | None = None,
                         max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES,
                         http_port: int | None = None, http_host: str = "127.0.0.1",
-                        metrics_host: str = "127.0.0.1", security: Security | None = None):
-    """Connect the client, bind the gateway (SERVING once connected); return (server,
-    servicer). With `http_port` the OpenAI-compatible HTTP API runs too (`servicer.http`).
-    `security`: the gateway's TLS and tokens, as a server (gRPC and HTTP) and towards the
-    services (its own token, a `service` one: it writes the result cache)."""
+                        metrics_host: str = "127.0.0.1", security: Security | None = None,
+                        models: str | os.PathLike | None = None,
+                        model_name: str | None = None):
+    """Connect the models' clients, bind the gateway (SERVING once connected); return (server,
+    servicer). The models come from `models` (a registry file, re-read by
+    `servicer.router.reload()`) or from the flags (one model). With `http_port` the
+    OpenAI-compatible HTTP API runs too (`servicer.http`). `security`: the gateway's TLS and
+    tokens, as a server (gRPC and HTTP) and towards the services (its own token, a `service`
+    one: it writes the result cache)."""
     security = security or Security()
-    client = AsyncSpecMeshClient(verify_addr, draft_addr, tokenizer_dir, cache_addr=cache_addr,
-                                 security=security)
-    await client.connect()
+    if models is not None:
+        router = ModelRouter.from_file(models, security)
+    else:
+        router = ModelRouter(flags_registry(verify_addr, draft_addr, tokenizer_dir, defaults,
+                                            cache_addr, model_name), security)
+    await router.start()
     metrics = ServiceMetrics("gateway")
-    servicer = GenerateServicer(client, defaults, metrics)
+    servicer = GenerateServicer(router, metrics)
     if metrics_port is not None:
         servicer.metrics_port = start_metrics_server(metrics_port, metrics, metrics_host)
     server = await build_server([(generate_pb2_grpc.add_GenerateServiceServicer_to_server,
@@ -124,18 +172,17 @@ async def start_gateway(verify_addr: str, draft_addr: str | None, tokenizer_dir:
                                 max_message_bytes=max_message_bytes, security=security)
     await server.start()
     if http_port is not None:
-        chat = ChatTemplate.from_model_dir(tokenizer_dir) if tokenizer_dir else None
-        name = pathlib.Path(tokenizer_dir) if tokenizer_dir else None
-        name = (name.stem if name.suffix == ".gguf" else name.name) if name else None
         tokens = TokenTable(security.token_file) if security.token_file else None
-        servicer.http = await start_http(build_app(client, servicer.defaults, name, chat, tokens),
-                                         http_host, http_port, ssl_certfile=security.tls_cert,
+        servicer.http = await start_http(build_app(router, tokens, metrics), http_host,
+                                         http_port, ssl_certfile=security.tls_cert,
                                          ssl_keyfile=security.tls_key)
     await server.set_serving(True)
     return server, servicer
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if (args.models is None) == (args.verify_addr is None):
+        raise SystemExit("specmesh serve gateway: give --models FILE or --verify-addr")
     defaults = GenerationParams(tree=TreeSpec.parse(args.tree), adaptive=args.adaptive,
                                 speculate=args.draft_addr is not None)
     server, servicer = await start_gateway(args.verify_addr, args.draft_addr, args.tokenizer,
@@ -143,7 +190,8 @@ async def serve(args: argparse.Namespace) -> None:
                                            args.metrics_port,
                                            int(args.max_message_mb * (1 << 20)),
                                            args.http_port, args.host, args.metrics_host,
-                                           from_args(Security, args))
+                                           from_args(Security, args), args.models,
+                                           args.model_name)
     if servicer.metrics_port is not None:
         print(f"metrics on http://{args.metrics_host}:{servicer.metrics_port}/metrics",
               flush=True)
@@ -152,15 +200,35 @@ async def serve(args: argparse.Namespace) -> None:
         print(f"OpenAI-compatible HTTP on {scheme}://{args.host}:{servicer.http.port}/v1",
               flush=True)
     print(f"{SERVICE_NAME} listening on {args.host}:{server.port}", flush=True)
-    await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}")
+    on_hup = _reloader(servicer.router) if args.models else None
+    await serve_until_signal(server, ready_line=f"SERVING {args.host}:{server.port}",
+                             on_hup=on_hup)
     if servicer.http is not None:
         await servicer.http.stop()
-    await servicer.client.close()
+    await servicer.close()
+
+
+def _reloader(router: ModelRouter):
+    """SIGHUP: re-read the models file; a bad file is logged and the old table keeps serving."""
+    async def reload() -> None:
+        try:
+            registry = await router.reload()
+            print(f"models reloaded: {', '.join(registry.keys())}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a bad file must not stop the gateway
+            log.error("models not reloaded (%s); still serving %s", exc,
+                      ", ".join(router.registry.keys()))
+    return reload
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmesh serve gateway")
-    parser.add_argument("--verify-addr", required=True)
+    parser.add_argument("--models", default=None,
+                        help="model registry file (TOML or YAML; re-read on SIGHUP) instead of "
+                        "--verify-addr/--draft-addr/--tokenizer")
+    parser.add_argument("--model-name", default=None,
+                        help="the name a one-model gateway serves (default: the tokenizer "
+                        "folder's name)")
+    parser.add_argument("--verify-addr", default=None)
     parser.add_argument("--draft-addr", default=None, help="omit for target-only decoding")
     parser.add_argument("--cache-addr", default=None, help="cache service, for the result cache")
     parser.add_argument("--tokenizer", default=None, help="model folder with tokenizer.json")

@@ -5,12 +5,15 @@
     GET  /v1/models, GET /health
 
 OpenAI's fields and defaults (max_tokens 16, temperature 1, n 1 only), plus ours as extra body
-fields: `tree` ("chain:4", "dynamic:8", "none"), `speculate`, `adaptive`, `top_k`, `ignore_eos`.
+fields: `tree` ("chain:4", "dynamic:8", "none"), `speculate`, `adaptive`, `top_k`, `ignore_eos`,
+`priority` ("interactive", "batch"; or the `X-Priority` header). `model` picks the model
+("name" or "name@version", clients/registry.py; absent = the gateway's default; unknown = 404).
 A field we do not support is a 400 that names it; so is a bad value. Errors have OpenAI's shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -22,10 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from specmesh.clients.async_client import AsyncSpecMeshClient, StreamEvent
-from specmesh.clients.chat_template import ChatTemplate
+from specmesh.clients.async_client import StreamEvent
+from specmesh.clients.model_router import ModelRouter, Route
 from specmesh.clients.types import GenerationParams
 from specmesh.errors import InvalidRequest, SpecMeshError
+from specmesh.wire.metrics import ServiceMetrics
 from specmesh.wire.security import TokenTable, bearer
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -54,6 +58,7 @@ class _Sampling(BaseModel):
     tree: str | None = None
     speculate: bool | None = None
     adaptive: bool | None = None
+    priority: str | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -65,8 +70,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
 
 
-def _params(req: _Sampling, defaults: GenerationParams, max_tokens: int | None
-            ) -> GenerationParams:
+def _params(req: _Sampling, defaults: GenerationParams, max_tokens: int | None,
+            priority: str | None = None) -> GenerationParams:
     if req.n != 1:
         raise InvalidRequest("n", f"{req.n}: only n=1 is supported")
     try:
@@ -80,7 +85,8 @@ def _params(req: _Sampling, defaults: GenerationParams, max_tokens: int | None
             max_new_tokens=16 if max_tokens is None else max_tokens,
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             stop=stop, ignore_eos=req.ignore_eos, tree=tree, speculate=speculate and tree.enabled,
-            adaptive=defaults.adaptive if req.adaptive is None else req.adaptive)
+            adaptive=defaults.adaptive if req.adaptive is None else req.adaptive,
+            priority=req.priority or priority or defaults.priority)
     except InvalidRequest as exc:  # GenerationParams' names -> this API's
         field = "max_tokens" if exc.field == "max_new_tokens" else exc.field
         raise InvalidRequest(field, exc.problem) from exc
@@ -92,13 +98,12 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
         "message": message, "type": kind, "param": param, "code": None}})
 
 
-def build_app(client: AsyncSpecMeshClient, defaults: GenerationParams | None = None,
-              model_name: str | None = None, chat: ChatTemplate | None = None,
-              tokens: TokenTable | None = None) -> FastAPI:
-    """The HTTP app; `model_name` is what /v1/models lists (default: the target's name).
+def build_app(router: ModelRouter, tokens: TokenTable | None = None,
+              metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The HTTP app over the gateway's models (/v1/models lists each name and name@version).
     With `tokens`, every path but /health needs `Authorization: Bearer <token>` (the OpenAI
-    client's api_key) of any role: 401 otherwise."""
-    api = _Api(client, defaults or GenerationParams(), model_name, chat)
+    client's api_key) of any role: 401 otherwise. `metrics`: per model and class."""
+    api = _Api(router, metrics)
     app = FastAPI(title="specmesh", docs_url=None, redoc_url=None)
     if tokens is not None:
         app.middleware("http")(_bearer_check(tokens))
@@ -124,10 +129,8 @@ def _bearer_check(tokens: TokenTable):
 
 
 class _Api:
-    def __init__(self, client: AsyncSpecMeshClient, defaults: GenerationParams,
-                 model_name: str | None, chat: ChatTemplate | None):
-        self.client, self.defaults, self.chat = client, defaults, chat
-        self.model = model_name or (client.target_info.name if client.target_info else "")
+    def __init__(self, router: ModelRouter, metrics: ServiceMetrics | None):
+        self.router, self.metrics = router, metrics
 
     async def on_bad_body(self, request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -144,39 +147,69 @@ class _Api:
         return {"status": "ok"}
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model, "object": "model",
-                                            "created": 0, "owned_by": "specmesh"}]}
+        ids = self.router.registry.names() + self.router.registry.keys()
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                            "owned_by": "specmesh"} for i in ids]}
 
-    async def completions(self, req: CompletionRequest):
-        params = _params(req, self.defaults, req.max_tokens)
+    async def completions(self, req: CompletionRequest, request: Request):
         prompt = req.prompt
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequest("prompt", "empty prompt")
-        return await self._respond(req, prompt, params, "text_completion")
+        return await self._respond(req, request, lambda route: prompt, req.max_tokens,
+                                   "text_completion")
 
-    async def chat_completions(self, req: ChatRequest):
-        if self.chat is None:
-            raise InvalidRequest("messages", f"model {self.model!r} has no chat template; "
-                                 "use /v1/completions")
-        params = _params(req, self.defaults, req.max_completion_tokens or req.max_tokens)
-        ids = self.chat.encode(req.messages, self.client.codec)
-        return await self._respond(req, ids, params, "chat.completion")
+    async def chat_completions(self, req: ChatRequest, request: Request):
+        def prompt(route: Route) -> list[int]:
+            if route.chat is None:
+                raise InvalidRequest("messages", f"model {route.entry.key!r} has no chat "
+                                     "template; use /v1/completions")
+            return route.chat.encode(req.messages, route.client.codec)
+        return await self._respond(req, request, prompt,
+                                   req.max_completion_tokens or req.max_tokens, "chat.completion")
 
-    async def _respond(self, req: _Sampling, prompt, params: GenerationParams, kind: str):
-        meta = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": self.model}
-        events = self.client.stream(prompt, params=params)
-        if req.stream:
-            first = await anext(events)  # errors before any byte is sent are plain HTTP errors
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(first, events, meta, kind, usage),
-                                     media_type="text/event-stream")
-        result = None
-        async for ev in events:
-            result = ev.result or result
-        return {**meta, "object": kind, "choices": [_choice(kind, result.text,
-                                                            FINISH[result.finish_reason])],
+    async def _respond(self, req: _Sampling, request: Request, prompt_of, max_tokens: int | None,
+                       kind: str):
+        """Route, generate, answer (JSON or server-sent events); the route is held until the
+        last event is sent."""
+        stack = contextlib.AsyncExitStack()
+        route = await stack.enter_async_context(self.router.use(req.model or ""))
+        try:
+            params = route.check(_params(req, route.defaults, max_tokens,
+                                         request.headers.get("x-priority")))
+            meta = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-"
+                          f"{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": route.entry.key}
+            events = self._observed(route, params, route.client.stream(prompt_of(route),
+                                                                      params=params))
+            if req.stream:
+                first = await anext(events)  # errors before any byte are plain HTTP errors
+                usage = bool((req.stream_options or {}).get("include_usage"))
+                body = _sse(first, events, meta, kind, usage, stack)
+                stack = None  # the stream closes it
+                return StreamingResponse(body, media_type="text/event-stream")
+            result = None
+            async for ev in events:
+                result = ev.result or result
+            return {**meta, "object": kind, "choices": [
+                _choice(kind, result.text, FINISH[result.finish_reason])],
                 "usage": _usage(result)}
+        finally:
+            if stack is not None:
+                await stack.aclose()
+
+    async def _observed(self, route: Route, params: GenerationParams,
+                        events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        """The events, with the finished generation recorded in the per-model metrics."""
+        try:
+            async for ev in events:
+                if ev.result is not None and self.metrics is not None:
+                    s = ev.result.stats
+                    self.metrics.observe_generation(
+                        route.entry.key, params.priority, len(ev.result.token_ids),
+                        s.time_to_first_token_s, s.total_time_s, s.queue_time_s)
+                yield ev
+        finally:
+            await events.aclose()
 
 
 def _choice(kind: str, text: str, finish: str | None, delta: bool = False) -> dict:
@@ -194,7 +227,7 @@ def _usage(result) -> dict:
 
 
 async def _sse(first: StreamEvent, events: AsyncIterator[StreamEvent], meta: dict, kind: str,
-               usage: bool) -> AsyncIterator[str]:
+               usage: bool, route: contextlib.AsyncExitStack) -> AsyncIterator[str]:
     """Server-sent events: one chunk per round, the finish reason on the last, then [DONE]."""
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
 
@@ -214,4 +247,5 @@ async def _sse(first: StreamEvent, events: AsyncIterator[StreamEvent], meta: dic
         yield f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n"
     finally:
         await events.aclose()  # a client that went away cancels its generation
+        await route.aclose()
     yield "data: [DONE]\n\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specmesh.clients.priority import DEFAULT_PRIORITY, check_priority
 from specmesh.v1 import common_pb2
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -25,9 +26,11 @@ class SequenceRequest:
     max_spec_tokens: int = 8  # most draft tokens per round; 0 = never speculate
     tree: TreeSpec = TreeSpec()  # the shape each round's tree is scaled from (none = no draft)
     sampling: common_pb2.SamplingParams | None = None  # as the services take it; None = greedy
+    priority: str = DEFAULT_PRIORITY  # "interactive" or "batch" (clients/priority.py)
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        check_priority(self.priority)
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids: empty prompt")
         if self.max_new_tokens < 1:

@@ -19,6 +19,13 @@ from the policy, capped per request and by the tokens left to generate, and are 
 room the batch has left, so speculation never displaces a sequence. After a RESOURCE_EXHAUSTED
 (`requeue`) admissions stop at the number that still ran until `relax_after_steps` rounds pass
 without another one (then one more is allowed, and so on).
+
+Priority classes (clients/priority.py): the queue is ordered by (class, arrival), so interactive
+requests are admitted before any batch one; an interactive request that finds no slot takes the
+latest batch sequence's (preempted by recompute). Interactive sequences are planned first;
+running batch sequences fill what is left, at most `batch.max_round_tokens` while interactive
+work exists (least recently run first; the others sit the round out with their KV kept), and
+draft budgets go to interactive sequences first.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from specmesh.clients.plan import (
@@ -36,7 +43,9 @@ from specmesh.clients.plan import (
     SequenceRequest,
     StepPlan,
 )
-from specmesh.wire.tree_spec import TreeSpec
+from specmesh.clients.priority import DEFAULT_BATCH, ClassLimits
+from specmesh.clients.scheduled import ScheduledSequence, cut, delta, finish_reason, fit
+from specmesh.errors import CapacityExhausted
 
 __all__ = ["CommitResult", "NewSequence", "ScheduledSequence", "Scheduler", "SchedulerConfig",
            "SequenceDelta", "SequenceRequest", "SpecPolicy", "StepPlan"]
@@ -52,39 +61,6 @@ class SpecPolicy(Protocol):
     def forget(self, seq_id: str) -> None: ...
 
 
-@dataclass
-class ScheduledSequence:
-    """What the scheduler tracks per sequence."""
-
-    request: SequenceRequest
-    arrival: int  # admission order key (FIFO)
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated
-    draft_cached: int = 0  # leading tokens whose KV the draft service holds
-    target_cached: int = 0  # leading tokens whose KV the verify service holds
-    num_rounds: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    finish_reason: str | None = None
-    was_scheduled: bool = False  # a service may hold state for it
-
-    @property
-    def seq_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.token_ids) - len(self.request.prompt_token_ids)
-
-    @property
-    def generated_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.request.prompt_token_ids):]
-
-    @property
-    def num_step_tokens(self) -> int:
-        """Tokens the target must take in next round besides the draft."""
-        return len(self.token_ids) - self.target_cached
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_running: int = 64
@@ -93,11 +69,20 @@ class SchedulerConfig:
     """Most target tokens in one round (step tokens + draft budgets)."""
     relax_after_steps: int = 32
     """Rounds without RESOURCE_EXHAUSTED before the admission cap it set grows by one."""
+    interactive: ClassLimits = ClassLimits()
+    """Limits of the interactive class (a dict from a config file is accepted)."""
+    batch: ClassLimits = DEFAULT_BATCH
+    """Limits of the batch class."""
 
     def __post_init__(self):
         for name in ("max_running", "max_batch_tokens", "relax_after_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in ("interactive", "batch"):
+            object.__setattr__(self, name, ClassLimits.coerce(getattr(self, name)))
+
+    def limits(self, priority: str) -> ClassLimits:
+        return self.interactive if priority == "interactive" else self.batch
 
 
 class Scheduler:
@@ -106,11 +91,12 @@ class Scheduler:
         self.policy = policy
         self._arrivals = itertools.count()
         self._seqs: dict[str, ScheduledSequence] = {}
-        self._waiting: list[tuple[int, str]] = []  # sorted by arrival
+        self._waiting: list[tuple[int, int, str]] = []  # sorted by ScheduledSequence.queue_key
         self._running: dict[str, None] = {}  # insertion (admission) order
         self._finished: list[str] = []
         self._soft_cap: int | None = None  # learned from RESOURCE_EXHAUSTED
         self._rounds_since_exhausted = 0
+        self._round = 0
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, seq_id: str) -> ScheduledSequence:
@@ -121,7 +107,7 @@ class Scheduler:
 
     @property
     def waiting_ids(self) -> list[str]:
-        return [s for _, s in self._waiting]
+        return [s for *_, s in self._waiting]
 
     @property
     def running_ids(self) -> list[str]:
@@ -147,13 +133,22 @@ class Scheduler:
         return bool(self._waiting or self._running or self._finished)
 
     # -- requests in and out ---------------------------------------------------------------
+    def num_in_class(self, priority: str, *, running: bool) -> int:
+        ids = self._running if running else [s for *_, s in self._waiting]
+        return sum(self._seqs[s].priority == priority for s in ids)
+
     def add(self, request: SequenceRequest) -> ScheduledSequence:
-        """Queue a request (FIFO)."""
+        """Queue a request (FIFO within its priority class); CapacityExhausted when its class's
+        queue is full."""
         if request.request_id in self._seqs:
             raise ValueError(f"request_id: {request.request_id!r} is already scheduled")
+        limit = self.config.limits(request.priority).max_queued
+        if self.num_in_class(request.priority, running=False) >= limit:
+            raise CapacityExhausted(f"priority: the {request.priority} queue is full "
+                                    f"({limit} waiting); retry later")
         seq = ScheduledSequence(request, next(self._arrivals), list(request.prompt_token_ids))
         self._seqs[seq.seq_id] = seq
-        bisect.insort(self._waiting, (seq.arrival, seq.seq_id))
+        bisect.insort(self._waiting, seq.queue_key)
         return seq
 
     def finish(self, seq_id: str, reason: str) -> ScheduledSequence:
@@ -164,7 +159,7 @@ class Scheduler:
         if seq_id in self._running:
             del self._running[seq_id]
         else:
-            self._waiting.remove((seq.arrival, seq_id))
+            self._waiting.remove(seq.queue_key)
         if seq.was_scheduled:
             self._finished.append(seq_id)
         if self.policy is not None:
@@ -173,45 +168,102 @@ class Scheduler:
 
     # -- one round -------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """Admit, pick draft budgets, and describe the round."""
+        """Admit, pick who runs and their draft budgets, and describe the round."""
         self._relax_cap()
-        running = [self._seqs[s] for s in self._running]
-        fresh, back = self._admit(sum(s.num_step_tokens for s in running), len(running))
-        running += back  # requeued sequences come back as deltas, not as new
+        self._round += 1
+        inter = self._running_of("interactive")
+        i_fresh, i_back = self._admit("interactive", self._tokens(inter), len(inter))
+        inter += i_back
+        used = self._tokens(inter + i_fresh)
+        shared = bool(inter or i_fresh)
+        batch = self._batch_share(self.config.max_batch_tokens - used, shared)
+        b_fresh, b_back = self._admit("batch", used + self._tokens(batch),
+                                      len(inter) + len(i_fresh) + len(batch),
+                                      used + self.config.batch.max_round_tokens if shared
+                                      else self.config.max_batch_tokens)
+        running, fresh = inter + batch + b_back, i_fresh + b_fresh
         planned = running + fresh
-        step_tokens = sum(s.num_step_tokens for s in planned)
-        budgets = self._spec_budgets(planned, step_tokens)
+        step_tokens = self._tokens(planned)
+        budgets = self._spec_budgets(planned, step_tokens, shared)
         for seq in planned:
             seq.was_scheduled = True
+            seq.last_round = self._round
         finished, self._finished = tuple(self._finished), []
         self._rounds_since_exhausted += 1
         specs = [s.request.tree.scaled(b) for s, b in zip(planned, budgets)]
         return StepPlan(
             new=tuple(NewSequence(s.seq_id, tuple(s.token_ids), spec, s.request.sampling)
                       for s, spec in zip(fresh, specs[len(running):])),
-            running=tuple(_delta(s, spec) for s, spec in zip(running, specs)),
+            running=tuple(delta(s, spec) for s, spec in zip(running, specs)),
             finished_sequence_ids=finished,
             spec_lengths=tuple((s.seq_id, b) for s, b in zip(planned, budgets)),
             num_batch_tokens=step_tokens + sum(budgets),
         )
 
-    def _admit(self, tokens: int, num_running: int
+    def _running_of(self, priority: str) -> list[ScheduledSequence]:
+        return [q for q in (self._seqs[s] for s in self._running) if q.priority == priority]
+
+    @staticmethod
+    def _tokens(seqs: list[ScheduledSequence]) -> int:
+        return sum(s.num_step_tokens for s in seqs)
+
+    def _batch_share(self, room: int, shared: bool) -> list[ScheduledSequence]:
+        """Running batch sequences for this round: all of them when no interactive sequence
+        runs; else those that fit what interactive work left (and `batch.max_round_tokens`),
+        least recently run first. The rest sit the round out (their KV stays)."""
+        running = self._running_of("batch")
+        if not shared:
+            return running
+        room = min(room, self.config.batch.max_round_tokens)
+        chosen, tokens = [], 0
+        for seq in sorted(running, key=lambda s: (s.last_round, s.arrival)):
+            if tokens + seq.num_step_tokens <= room:
+                chosen.append(seq)
+                tokens += seq.num_step_tokens
+        return chosen
+
+    def _admit(self, priority: str, tokens: int, num_planned: int, token_limit: int | None = None
                ) -> tuple[list[ScheduledSequence], list[ScheduledSequence]]:
-        """FIFO admission; returns (first-time sequences, requeued ones coming back)."""
+        """FIFO admission within one class while its sequences head the queue; returns
+        (first-time sequences, requeued ones coming back). An interactive sequence that finds
+        no slot takes the latest batch sequence's."""
         fresh, back = [], []
-        cap = self.admission_cap
-        while self._waiting and num_running < cap:
-            seq = self._seqs[self._waiting[0][1]]
-            if num_running > 0 and tokens + seq.num_step_tokens > self.config.max_batch_tokens:
+        cap, limit = self.admission_cap, token_limit or self.config.max_batch_tokens
+        class_cap = self.config.limits(priority).max_running
+        in_class = len(self._running_of(priority))
+        while self._waiting and in_class < class_cap:
+            seq = self._seqs[self._waiting[0][-1]]
+            if seq.priority != priority:
+                break
+            if len(self._running) >= cap and not (priority == "interactive"
+                                                  and self._evict_batch()):
+                break
+            if num_planned > 0 and tokens + seq.num_step_tokens > limit:
                 break  # strict FIFO: nobody overtakes the head
             self._waiting.pop(0)
             self._running[seq.seq_id] = None
             tokens += seq.num_step_tokens
-            num_running += 1
+            num_planned += 1
+            in_class += 1
             (back if seq.was_scheduled else fresh).append(seq)
         return fresh, back
 
-    def _spec_budgets(self, planned: list[ScheduledSequence], step_tokens: int) -> list[int]:
+    def _evict_batch(self) -> bool:
+        """Preempt (by recompute) the latest-arrived running batch sequence; False if none."""
+        batch = self._running_of("batch")
+        if not batch:
+            return False
+        victim = max(batch, key=lambda s: s.arrival)
+        del self._running[victim.seq_id]
+        bisect.insort(self._waiting, victim.queue_key)
+        self.reset_remote(victim.seq_id, "both")
+        self._finished.append(victim.seq_id)
+        return True
+
+    def _spec_budgets(self, planned: list[ScheduledSequence], step_tokens: int,
+                      shared: bool) -> list[int]:
+        """Each sequence's draft budget (policy, request, tokens left), cut to the room the
+        round has left: interactive sequences first, batch ones from what remains."""
         wanted = []
         for seq in planned:
             left = seq.request.max_new_tokens - seq.num_generated
@@ -220,7 +272,29 @@ class Scheduler:
                 k = min(k, self.policy.choose(seq.seq_id, step_tokens, len(planned)))
             wanted.append(max(0, min(k, left - 1)))  # a round yields up to k + 1 tokens
         room = max(0, self.config.max_batch_tokens - step_tokens)
-        return _fit(wanted, room)
+        first = [i for i, s in enumerate(planned) if s.priority == "interactive"]
+        rest = [i for i, s in enumerate(planned) if s.priority != "interactive"]
+        out = [0] * len(planned)
+        for i, b in zip(first, fit([wanted[i] for i in first], room)):
+            out[i] = b
+        room -= sum(out)
+        if shared:
+            batch_steps = self._tokens([planned[i] for i in rest])
+            room = min(room, max(0, self.config.batch.max_round_tokens - batch_steps))
+        for i, b in zip(rest, fit([wanted[i] for i in rest], room)):
+            out[i] = b
+        return out
+
+    def preempt_for(self, seq_id: str) -> str:
+        """RESOURCE_EXHAUSTED for `seq_id`: preempt the latest batch sequence instead when it is
+        interactive (it stays and retries next round), else `seq_id` itself; returns who."""
+        seq = self._seqs[seq_id]
+        batch = [s for s in self._running_of("batch") if s.seq_id != seq_id]
+        victim = seq_id
+        if seq.priority == "interactive" and batch:
+            victim = max(batch, key=lambda s: s.arrival).seq_id
+        self.preempt(victim)
+        return victim
 
     # -- results of a round ----------------------------------------------------------------
     def commit(self, seq_id: str, tokens: Sequence[int], *, num_draft_tokens: int = 0,
@@ -238,7 +312,7 @@ class Scheduler:
         if seq_id not in self._running:
             raise ValueError(f"sequence {seq_id!r} is not running")
         before = len(seq.token_ids)
-        kept = _cut(seq, list(tokens))
+        kept = cut(seq, list(tokens))
         seq.token_ids.extend(kept)
         seq.num_rounds += 1
         seq.num_draft_tokens += num_draft_tokens
@@ -250,7 +324,7 @@ class Scheduler:
         seq.target_cached = len(seq.token_ids) - 1 if target_cached is None else target_cached
         seq.draft_cached = min(seq.draft_cached, len(seq.token_ids))
         seq.target_cached = min(seq.target_cached, len(seq.token_ids))
-        reason = _finish_reason(seq, kept)
+        reason = finish_reason(seq, kept)
         if reason is not None:
             self.finish(seq_id, reason)
         return CommitResult(tuple(kept), reason)
@@ -272,7 +346,7 @@ class Scheduler:
         if seq_id not in self._running:
             raise ValueError(f"sequence {seq_id!r} is not running")
         del self._running[seq_id]
-        bisect.insort(self._waiting, (seq.arrival, seq_id))
+        bisect.insort(self._waiting, seq.queue_key)
         cap = max(1, len(self._running))
         self._soft_cap = cap if self._soft_cap is None else min(self._soft_cap, cap)
         self._rounds_since_exhausted = 0
@@ -294,47 +368,3 @@ class Scheduler:
             self._soft_cap += 1
             if self._soft_cap >= self.config.max_running:
                 self._soft_cap = None
-
-
-def _delta(seq: ScheduledSequence, spec: TreeSpec) -> SequenceDelta:
-    return SequenceDelta(seq.seq_id, seq.draft_cached, tuple(seq.token_ids[seq.draft_cached:]),
-                         seq.target_cached, tuple(seq.token_ids[seq.target_cached:]), spec,
-                         seq.request.sampling)
-
-
-def _cut(seq: ScheduledSequence, tokens: list[int]) -> list[int]:
-    """Keep tokens up to and including the first EOS, and no more than max_new_tokens."""
-    req = seq.request
-    tokens = tokens[: req.max_new_tokens - seq.num_generated]
-    if req.eos_token_id is not None and not req.ignore_eos and req.eos_token_id in tokens:
-        tokens = tokens[: tokens.index(req.eos_token_id) + 1]
-    return tokens
-
-
-def _finish_reason(seq: ScheduledSequence, kept: list[int]) -> str | None:
-    req = seq.request
-    if kept and req.eos_token_id is not None and not req.ignore_eos \
-            and kept[-1] == req.eos_token_id:
-        return "eos"
-    if seq.num_generated >= req.max_new_tokens:
-        return "length"
-    return None
-
-
-def _fit(wanted: list[int], room: int) -> list[int]:
-    """Cut budgets to sum <= room: the largest level L with sum(min(w, L)) <= room, then the
-    leftover one token each to the earliest that want more."""
-    if sum(wanted) <= room:
-        return wanted
-    level = 0
-    while sum(min(w, level + 1) for w in wanted) <= room:
-        level += 1
-    out = [min(w, level) for w in wanted]
-    left = room - sum(out)
-    for i, w in enumerate(wanted):
-        if left == 0:
-            break
-        if w > level:
-            out[i] += 1
-            left -= 1
-    return out

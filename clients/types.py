@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from specmesh.clients.priority import DEFAULT_PRIORITY, check_priority
 from specmesh.errors import InvalidRequest
 from specmesh.v1 import common_pb2
 from specmesh.wire.tree_spec import TreeSpec
@@ -29,6 +30,7 @@ class GenerationParams:
     tree: TreeSpec = DEFAULT_TREE
     speculate: bool = True
     adaptive: bool = False  # pick the tree size each round from measured acceptance and costs
+    priority: str = DEFAULT_PRIORITY  # scheduling class: "interactive" or "batch"
 
     def __post_init__(self):
         self.validate()  # self-validating: an instance is a valid request
@@ -46,6 +48,7 @@ class GenerationParams:
         if self.top_k < 0:
             raise InvalidRequest("top_k", f"{self.top_k} must be >= 0")
         self.tree.validate("tree")
+        check_priority(self.priority)
 
     @property
     def deterministic(self) -> bool:
@@ -67,6 +70,7 @@ class GenerationStats:
     num_generated_tokens: int = 0
     time_to_first_token_s: float = 0.0
     total_time_s: float = 0.0
+    queue_time_s: float = 0.0  # from submission to the first round that ran it
     accepted_per_round: list[int] = field(default_factory=list)
     cache_hit: bool = False  # replayed from the result cache
 
@@ -109,6 +113,7 @@ class GenerationResult:
             "tokens_per_s": round(s.tokens_per_s, 3),
             "time_to_first_token_s": round(s.time_to_first_token_s, 4),
             "total_time_s": round(s.total_time_s, 4),
+            "queue_time_s": round(s.queue_time_s, 4),
             "tree": self.tree,
             "cache_hit": s.cache_hit,
         }

@@ -296,4 +296,4 @@ async def test_gateway_https_and_grpc_need_the_ca_and_a_token(models, pki):
         finally:
             await servicer.http.stop()
             await server.stop(0)
-            await servicer.client.close()
+            await servicer.close()

@@ -41,6 +41,18 @@ class UnknownSequence(SpecMeshError):
                    "resend with num_cached_tokens=0")
 
 
+class UnknownModel(SpecMeshError):
+    """The request names a model (or name@version) the gateway does not serve."""
+
+    code = "NOT_FOUND"
+
+    def __init__(self, model: str, known: list[str] | tuple[str, ...] = ()):
+        served = ", ".join(known) if known else "none"
+        super().__init__(f"model: unknown model {model!r} (served: {served})")
+        self.field = "model"
+        self.model = model
+
+
 class CapacityExhausted(SpecMeshError):
     """No room right now (KV blocks, queue); retry later."""
 

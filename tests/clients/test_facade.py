@@ -40,7 +40,7 @@ async def test_gateway_and_services_give_the_same_greedy_tokens(models):
                 assert "token_ids" in info.value.field
         finally:
             await server.stop(0)
-            await servicer.client.close()
+            await servicer.close()
 
 
 def test_launch_runs_a_local_stack_for_a_blocking_client(models):

@@ -85,7 +85,7 @@ async def test_gateway_streams_the_target_output(models):
                 assert sum(len(m.token_ids) for m in again) == 4
         finally:
             await server.stop(0.5)
-            await servicer.client.close()
+            await servicer.close()
 
 
 async def test_locust_headless_against_the_gateway_has_no_failures(models, tmp_path):
@@ -101,7 +101,7 @@ async def test_locust_headless_against_the_gateway_has_no_failures(models, tmp_p
             out, _ = await asyncio.wait_for(proc.communicate(), 120)
         finally:
             await server.stop(0.5)
-            await servicer.client.close()
+            await servicer.close()
     text = out.decode()
     assert proc.returncode == 0, text[-3000:]
     stats = (tmp_path / "run_stats.csv").read_text().splitlines()

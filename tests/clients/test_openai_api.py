@@ -18,6 +18,7 @@ from tests.stack import spec_stack
 
 pytestmark = pytest.mark.models
 PROMPT = "Once upon a time"
+MODEL = TINY_TARGET  # a one-model gateway serves its tokenizer folder's name
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -33,7 +34,7 @@ async def _stop(server, servicer, api):
     await api.close()
     await servicer.http.stop()
     await server.stop(0)
-    await servicer.client.close()
+    await servicer.close()
 
 
 async def test_completions_equal_the_client_library_streamed_and_not(models):
@@ -59,13 +60,14 @@ async def test_completions_equal_the_client_library_streamed_and_not(models):
             assert text == want.text
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
             assert chunks[-1].usage.completion_tokens == 24
-            plain = await api.completions.create(model="x", prompt=PROMPT, max_tokens=24,
+            plain = await api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
                                                  temperature=0,
                                                  extra_body={"speculate": False,
                                                              "ignore_eos": True})
             assert plain.choices[0].text == want.text
             models_list = await api.models.list()
-            assert [m.id for m in models_list.data] == [TINY_TARGET]
+            assert [m.id for m in models_list.data] == [TINY_TARGET, f"{TINY_TARGET}@1"]
+            assert got.model == f"{TINY_TARGET}@1"
         finally:
             await _stop(*gw)
 
@@ -79,15 +81,19 @@ async def test_bad_fields_are_400s_that_name_them(models):
                                   (dict(temperature=-1), "temperature"),
                                   (dict(n=2), "n"),
                                   (dict(max_tokens=0), "max_tokens"),
-                                  (dict(extra_body={"tree": "chain:99"}), "tree")]:
+                                  (dict(extra_body={"tree": "chain:99"}), "tree"),
+                                  (dict(extra_body={"priority": "urgent"}), "priority")]:
                 with pytest.raises(openai.BadRequestError) as info:
-                    await api.completions.create(model="x", prompt=PROMPT, **kwargs)
+                    await api.completions.create(model=MODEL, prompt=PROMPT, **kwargs)
                 assert field in info.value.message, (field, info.value.message)
             with pytest.raises(openai.BadRequestError) as info:  # no template: a clear 400
                 await api.chat.completions.create(
-                    model="x", messages=[{"role": "user", "content": "hi"}])
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}])
             assert "chat template" in info.value.message
-            ok = await api.completions.create(model="x", prompt=PROMPT, max_tokens=4,
+            with pytest.raises(openai.NotFoundError) as info:
+                await api.completions.create(model="gpt-4", prompt=PROMPT)
+            assert "gpt-4" in info.value.message and info.value.body["param"] == "model"
+            ok = await api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
                                               temperature=0)
             assert ok.usage.completion_tokens >= 1  # the server is unharmed
         finally:
@@ -110,12 +116,12 @@ async def test_chat_uses_the_tokenizers_template(models, tmp_path):
         gw = await _gateway(verify, draft, folder)
         try:
             got = await gw[2].chat.completions.create(
-                model="x", messages=messages, max_tokens=16, temperature=0,
+                model="chat-model", messages=messages, max_tokens=16, temperature=0,
                 extra_body={"ignore_eos": True})
             assert got.choices[0].message.content == want.text
             assert got.choices[0].message.role == "assistant"
             stream = await gw[2].chat.completions.create(
-                model="x", messages=messages, max_tokens=16, temperature=0, stream=True,
+                model="chat-model@1", messages=messages, max_tokens=16, temperature=0, stream=True,
                 extra_body={"ignore_eos": True})
             text = "".join([c.choices[0].delta.content or "" async for c in stream])
             assert text == want.text

@@ -25,23 +25,31 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/generate.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\x1b\n\x0cPromptTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe4\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x19.specmesh.v1.PromptTokensH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12(\n\ttree_spec\x18\x05 \x01(\x0b\x32\x15.specmesh.v1.TreeSpec\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\tspeculate\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08\x61\x64\x61ptive\x18\t \x01(\x08H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\tB\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0c\n\n_speculateB\x0b\n\t_adaptive\"\x94\x02\n\x0fGenerationStats\x12\x12\n\nnum_rounds\x18\x01 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x05 \x01(\x05\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x02\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x02\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x02\x12\x1f\n\x17mean_accepted_per_round\x18\t \x01(\x02\x12\x11\n\tcache_hit\x18\n \x01(\x08\"\xa8\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12+\n\x05stats\x18\x04 \x01(\x0b\x32\x1c.specmesh.v1.GenerationStats\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\\\n\x0fGenerateService\x12I\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/generate.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\x1b\n\x0cPromptTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9c\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x19.specmesh.v1.PromptTokensH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12(\n\ttree_spec\x18\x05 \x01(\x0b\x32\x15.specmesh.v1.TreeSpec\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\tspeculate\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08\x61\x64\x61ptive\x18\t \x01(\x08H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\'\n\x08priority\x18\x0c \x01(\x0e\x32\x15.specmesh.v1.PriorityB\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0c\n\n_speculateB\x0b\n\t_adaptive\"\x94\x02\n\x0fGenerationStats\x12\x12\n\nnum_rounds\x18\x01 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x05 \x01(\x05\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x02\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x02\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x02\x12\x1f\n\x17mean_accepted_per_round\x18\t \x01(\x02\x12\x11\n\tcache_hit\x18\n \x01(\x08\"\xb7\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12+\n\x05stats\x18\x04 \x01(\x0b\x32\x1c.specmesh.v1.GenerationStats\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"\xa1\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x0e\n\x06weight\x18\x05 \x01(\x05\x12+\n\x0c\x64\x65\x66\x61ult_tree\x18\x06 \x01(\x0b\x32\x15.specmesh.v1.TreeSpec\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specmesh.v1.ModelEntry\x12\x15\n\rdefault_model\x18\x02 \x01(\t*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xab\x01\n\x0fGenerateService\x12I\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.specmesh.v1.ListModelsRequest\x1a\x1f.specmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=908
-  _globals['_FINISHREASON']._serialized_end=1055
+  _globals['_PRIORITY']._serialized_start=1249
+  _globals['_PRIORITY']._serialized_end=1331
+  _globals['_FINISHREASON']._serialized_start=1334
+  _globals['_FINISHREASON']._serialized_end=1481
   _globals['_PROMPTTOKENS']._serialized_start=69
   _globals['_PROMPTTOKENS']._serialized_end=96
   _globals['_GENERATEREQUEST']._serialized_start=99
-  _globals['_GENERATEREQUEST']._serialized_end=455
-  _globals['_GENERATIONSTATS']._serialized_start=458
-  _globals['_GENERATIONSTATS']._serialized_end=734
-  _globals['_GENERATERESPONSE']._serialized_start=737
-  _globals['_GENERATERESPONSE']._serialized_end=905
-  _globals['_GENERATESERVICE']._serialized_start=1057
-  _globals['_GENERATESERVICE']._serialized_end=1149
+  _globals['_GENERATEREQUEST']._serialized_end=511
+  _globals['_GENERATIONSTATS']._serialized_start=514
+  _globals['_GENERATIONSTATS']._serialized_end=790
+  _globals['_GENERATERESPONSE']._serialized_start=793
+  _globals['_GENERATERESPONSE']._serialized_end=976
+  _globals['_LISTMODELSREQUEST']._serialized_start=978
+  _globals['_LISTMODELSREQUEST']._serialized_end=997
+  _globals['_MODELENTRY']._serialized_start=1000
+  _globals['_MODELENTRY']._serialized_end=1161
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1163
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1247
+  _globals['_GENERATESERVICE']._serialized_start=1484
+  _globals['_GENERATESERVICE']._serialized_end=1655
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class GenerateServiceStub:
                 request_serializer=specmesh_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/specmesh.v1.GenerateService/ListModels',
+                request_serializer=specmesh_dot_v1_dot_generate__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_generate__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerateServiceServicer:
@@ -54,6 +59,13 @@ class GenerateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this gateway serves (name@version, defaults, traffic weights).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +73,11 @@ def add_GenerateServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=specmesh_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=specmesh_dot_v1_dot_generate__pb2.ListModelsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_generate__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +108,33 @@ class GenerateService:
             '/specmesh.v1.GenerateService/Generate',
             specmesh_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
             specmesh_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.GenerateService/ListModels',
+            specmesh_dot_v1_dot_generate__pb2.ListModelsRequest.SerializeToString,
+            specmesh_dot_v1_dot_generate__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,24 @@ class ServiceMetrics:
             r, Gauge, "specmesh_kv_blocks_free", "KV cache blocks in the free pool", s)
         self.queue_depth = _family(
             r, Gauge, "specmesh_queue_depth", "items waiting for a batch (or requests waiting)", s)
+        g = s + ("model", "priority")
+        self.ttft = _family(
+            r, Histogram, "specmesh_time_to_first_token_seconds",
+            "from a request's arrival to its first token, by model and priority class", g,
+            buckets=LATENCY_BUCKETS)
+        self.tpot = _family(
+            r, Histogram, "specmesh_time_per_output_token_seconds",
+            "mean time per generated token after the first, by model and priority class", g,
+            buckets=LATENCY_BUCKETS)
+        self.queue_wait = _family(
+            r, Histogram, "specmesh_queue_wait_seconds",
+            "from a request's arrival to the first round that ran it", g, buckets=LATENCY_BUCKETS)
+        self.generated_tokens = _family(
+            r, Counter, "specmesh_generated_tokens", "tokens generated, by model and priority", g)
+        self.generation_tps = _family(
+            r, Histogram, "specmesh_generation_tokens_per_second",
+            "one request's generated tokens / its total time", g,
+            buckets=(1, 5, 10, 25, 50, 100, 200, 400, 800, 1600))
         self.cache_requests = _family(
             r, Counter, "specmesh_cache_requests", "cache look-ups by kind and result (hit/miss)",
             s + ("kind", "result"))
@@ -110,6 +128,19 @@ class ServiceMetrics:
         self.draft_tokens.labels(self.service).inc(num_drafted)
         self.accepted_tokens.labels(self.service).inc(num_accepted)
         self.accepted_per_round.labels(self.service).observe(num_accepted)
+
+    def observe_generation(self, model: str, priority: str, num_tokens: int, ttft_s: float,
+                           total_s: float, queue_s: float) -> None:
+        """One finished generation (gateway): TTFT, time per output token, queue wait,
+        tokens and tokens/s, labelled by the model (name@version) and the priority class."""
+        labels = (self.service, model, priority)
+        self.ttft.labels(*labels).observe(ttft_s)
+        self.queue_wait.labels(*labels).observe(queue_s)
+        self.generated_tokens.labels(*labels).inc(num_tokens)
+        if num_tokens > 1:
+            self.tpot.labels(*labels).observe((total_s - ttft_s) / (num_tokens - 1))
+        if total_s > 0:
+            self.generation_tps.labels(*labels).observe(num_tokens / total_s)
 
     def set_kv_blocks(self, used: int, free: int) -> None:
         self.kv_blocks_used.labels(self.service).set(used)

@@ -232,16 +232,26 @@ async def wait_for_serving(address: str, timeout: float = 60.0,
 
 
 async def serve_until_signal(server: Server, grace: float = 5.0,
-                             ready_line: str | None = None) -> None:
-    """Block until SIGINT/SIGTERM, then stop gracefully. Prints `ready_line` once listening."""
+                             ready_line: str | None = None, on_hup=None) -> None:
+    """Block until SIGINT/SIGTERM, then stop gracefully. Prints `ready_line` once listening.
+    `on_hup`: an async callable run on each SIGHUP (e.g. reload a config file)."""
     import asyncio
     import signal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    handlers = [(signal.SIGINT, stop.set), (signal.SIGTERM, stop.set)]
+    if on_hup is not None:
+        tasks: set = set()
+
+        def hup() -> None:
+            task = loop.create_task(on_hup())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        handlers.append((signal.SIGHUP, hup))
+    for sig, handler in handlers:
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     if ready_line:
