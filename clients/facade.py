@@ -36,13 +36,18 @@ class AsyncClient:
     def __init__(self, target: str | None = None, *, verify: str | None = None,
                  draft: str | None = None, cache: str | None = None,
                  tokenizer: str | pathlib.Path | None = None,
-                 security: Security | None = None):
+                 security: Security | None = None, model: str = ""):
         """`target`: a gateway's host:port; or `verify` (+ `draft`, `cache`, `tokenizer`: the
         model folder, for text prompts) to run speculation in this process. `security`: TLS
-        CA, bearer token (default: SPECMESH_TLS_CA, SPECMESH_TOKEN, ... from the environment)."""
+        CA, bearer token (default: SPECMESH_TLS_CA, SPECMESH_TOKEN, ... from the environment).
+        `model`: through a gateway, the model every request asks for ("name", "name@version";
+        "" = the gateway's default)."""
         if (target is None) == (verify is None):
             raise ValueError("give a gateway address, or verify= (and draft=, cache=)")
-        self._impl = GatewayClient(target, security=security) if target is not None \
+        if model and target is None:
+            raise ValueError("model= picks a gateway's model; give the gateway address")
+        self._impl = GatewayClient(target, security=security, model=model) \
+            if target is not None \
             else AsyncSpecMeshClient(verify, draft, str(tokenizer) if tokenizer else None,
                                      cache_addr=cache, security=security)
 

@@ -19,14 +19,18 @@ FINISH = {generate_pb2.FINISH_REASON_LENGTH: "length", generate_pb2.FINISH_REASO
           generate_pb2.FINISH_REASON_CANCELLED: "cancelled"}
 
 
-def generate_request(prompt: str | list[int], p: GenerationParams
+PRIORITY = {"interactive": generate_pb2.PRIORITY_INTERACTIVE,
+            "batch": generate_pb2.PRIORITY_BATCH}
+
+
+def generate_request(prompt: str | list[int], p: GenerationParams, model: str = ""
                      ) -> generate_pb2.GenerateRequest:
     """The request that asks the gateway for exactly `p` (every field set explicitly, so the
-    gateway's own defaults never apply)."""
+    gateway's own defaults never apply) from `model` ("" = the gateway's default)."""
     req = generate_pb2.GenerateRequest(
         max_new_tokens=p.max_new_tokens, sampling=p.sampling_proto(), stop=list(p.stop),
         speculate=p.speculate, ignore_eos=p.ignore_eos, adaptive=p.adaptive,
-        tree_spec=p.tree.to_proto())
+        tree_spec=p.tree.to_proto(), model=model, priority=PRIORITY[p.priority])
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -35,8 +39,11 @@ def generate_request(prompt: str | list[int], p: GenerationParams
 
 
 class GatewayClient:
-    def __init__(self, address: str, timeout_s: float = 600.0, security: Security | None = None):
+    def __init__(self, address: str, timeout_s: float = 600.0, security: Security | None = None,
+                 model: str = ""):
+        """`model`: what every request asks for ("name", "name@version"; "" = the default)."""
         self.address = address
+        self.model = model
         self.security = security or Security()
         self.timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
@@ -58,7 +65,8 @@ class GatewayClient:
         start = time.perf_counter()
         ids: list[int] = []
         text = ""
-        call = self._stub.Generate(generate_request(prompt, params), timeout=self.timeout_s)
+        call = self._stub.Generate(generate_request(prompt, params, self.model),
+                                   timeout=self.timeout_s)
         async for msg in call:
             ids += msg.token_ids
             text += msg.text
@@ -75,5 +83,6 @@ class GatewayClient:
             finish = FINISH.get(msg.finish_reason, "length")
             prompt_ids = [] if isinstance(prompt, str) else list(prompt)
             result = GenerationResult(text, ids, prompt_ids, finish, stats, str(params.tree)
-                                      if params.speculate else "none", msg.matched_stop)
+                                      if params.speculate else "none", msg.matched_stop,
+                                      msg.model)
             yield StreamEvent(list(msg.token_ids), msg.text, finish, result)

@@ -96,6 +96,7 @@ class GenerationResult:
     stats: GenerationStats
     tree: str = ""
     matched_stop: str = ""  # finish_reason "stop": the stop string that matched
+    model: str = ""  # through a gateway: the name@version that served it
 
     def to_json(self) -> dict:
         s = self.stats
