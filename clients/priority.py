@@ -2,8 +2,8 @@
 
 The scheduler admits and orders by class (clients/scheduler.py): interactive sequences are
 admitted first and never give way to batch ones; batch sequences fill what is left of each round
-(at most `batch.max_round_tokens` tokens while interactive work exists; the rest sit the round
-out, keeping their KV) and are the first preempted when room runs out. Each class has its own
+(at most `batch.max_round_tokens` tokens while interactive work is recent, so the round in
+flight when an interactive request arrives is short; the rest sit the round out, keeping KV) and are the first preempted when room runs out. Each class has its own
 limits; a full queue refuses new requests with RESOURCE_EXHAUSTED. Pure data, no I/O.
 """
 
@@ -35,8 +35,8 @@ class ClassLimits:
     max_queued: int = 1024
     """Most sequences of this class waiting; one more is refused (RESOURCE_EXHAUSTED)."""
     max_round_tokens: int = 2048
-    """Most target tokens (step + draft) of this class in a round that also runs a higher
-    class (batch only: what interactive work leaves to it)."""
+    """Batch only: most target tokens (step + draft) of the class in one round while
+    interactive work is recent (SchedulerConfig.interactive_window_rounds)."""
 
     def __post_init__(self):
         for name in ("max_running", "max_queued", "max_round_tokens"):
@@ -49,4 +49,4 @@ class ClassLimits:
         return value if isinstance(value, ClassLimits) else cls(**value)
 
 
-DEFAULT_BATCH = ClassLimits(max_round_tokens=16)
+DEFAULT_BATCH = ClassLimits(max_round_tokens=4)

@@ -24,13 +24,14 @@ Priority classes (clients/priority.py): the queue is ordered by (class, arrival)
 requests are admitted before any batch one; an interactive request that finds no slot takes the
 latest batch sequence's (preempted by recompute). Interactive sequences are planned first;
 running batch sequences fill what is left, at most `batch.max_round_tokens` while interactive
-work exists (least recently run first; the others sit the round out with their KV kept), and
-draft budgets go to interactive sequences first.
+work is recent (`interactive_window_rounds`; least recently run first, the others sit the round
+out with their KV kept), and draft budgets go to interactive sequences first.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,9 +74,13 @@ class SchedulerConfig:
     """Limits of the interactive class (a dict from a config file is accepted)."""
     batch: ClassLimits = DEFAULT_BATCH
     """Limits of the batch class."""
+    interactive_window_rounds: int = 100
+    """Batch sequences keep to `batch.max_round_tokens` for this many rounds after the last
+    round with interactive work (then they get whole rounds again)."""
 
     def __post_init__(self):
-        for name in ("max_running", "max_batch_tokens", "relax_after_steps"):
+        for name in ("max_running", "max_batch_tokens", "relax_after_steps",
+                     "interactive_window_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
         for name in ("interactive", "batch"):
@@ -97,6 +102,8 @@ class Scheduler:
         self._soft_cap: int | None = None  # learned from RESOURCE_EXHAUSTED
         self._rounds_since_exhausted = 0
         self._round = 0
+        self._last_interactive = -(1 << 30)  # the last round with interactive work
+        self.preemptions: collections.Counter[str] = collections.Counter()  # by class
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, seq_id: str) -> ScheduledSequence:
@@ -175,7 +182,11 @@ class Scheduler:
         i_fresh, i_back = self._admit("interactive", self._tokens(inter), len(inter))
         inter += i_back
         used = self._tokens(inter + i_fresh)
-        shared = bool(inter or i_fresh)
+        if inter or i_fresh or self._interactive_waiting():
+            self._last_interactive = self._round
+        # batch keeps to its share while interactive work is recent: the round in flight when
+        # the next interactive request arrives is then a short one
+        shared = self._round - self._last_interactive < self.config.interactive_window_rounds
         batch = self._batch_share(self.config.max_batch_tokens - used, shared)
         b_fresh, b_back = self._admit("batch", used + self._tokens(batch),
                                       len(inter) + len(i_fresh) + len(batch),
@@ -199,6 +210,9 @@ class Scheduler:
             spec_lengths=tuple((s.seq_id, b) for s, b in zip(planned, budgets)),
             num_batch_tokens=step_tokens + sum(budgets),
         )
+
+    def _interactive_waiting(self) -> bool:
+        return bool(self._waiting) and self._seqs[self._waiting[0][-1]].priority == "interactive"
 
     def _running_of(self, priority: str) -> list[ScheduledSequence]:
         return [q for q in (self._seqs[s] for s in self._running) if q.priority == priority]
@@ -254,6 +268,7 @@ class Scheduler:
         if not batch:
             return False
         victim = max(batch, key=lambda s: s.arrival)
+        self.preemptions[victim.priority] += 1
         del self._running[victim.seq_id]
         bisect.insort(self._waiting, victim.queue_key)
         self.reset_remote(victim.seq_id, "both")
@@ -356,6 +371,7 @@ class Scheduler:
         KV on both services (its id goes out with the next plan's finished ids) and resend the
         full context when it is admitted again."""
         self.requeue(seq_id)
+        self.preemptions[self._seqs[seq_id].priority] += 1
         self.reset_remote(seq_id, "both")
         self._finished.append(seq_id)
 

@@ -18,8 +18,9 @@ def req(rid: str, priority: str = "interactive", prompt_len: int = 3, spec: int 
                            priority=priority)
 
 
-def sched(max_running=64, max_batch_tokens=2048, **batch) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_running, max_batch_tokens, batch=ClassLimits(**batch)))
+def sched(max_running=64, max_batch_tokens=2048, window=100, **batch) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_running, max_batch_tokens, batch=ClassLimits(**batch),
+                                     interactive_window_rounds=window))
 
 
 def planned(plan: StepPlan) -> list[str]:
@@ -60,7 +61,7 @@ def test_an_interactive_request_takes_the_latest_batch_slot():
 
 
 def test_batch_fills_what_interactive_work_leaves_in_turn():
-    s = sched(max_round_tokens=2)
+    s = sched(max_round_tokens=2, window=2)
     for rid in ("b1", "b2", "b3", "b4"):
         s.add(req(rid, "batch"))
     step(s, s.schedule())  # alone, every batch sequence runs
@@ -74,7 +75,10 @@ def test_batch_fills_what_interactive_work_leaves_in_turn():
     assert rounds == [["i1", "b1", "b2"], ["i1", "b3", "b4"], ["i1", "b1", "b2"]]
     assert s.num_running == 5  # the ones that sat out keep their place (and their KV)
     s.finish("i1", "stop")
-    assert sorted(planned(s.schedule())) == ["b1", "b2", "b3", "b4"]
+    plan = s.schedule()  # interactive work was one round ago: batch keeps to its share
+    assert planned(plan) == ["b3", "b4"]
+    step(s, plan)
+    assert sorted(planned(s.schedule())) == ["b1", "b2", "b3", "b4"]  # the window has passed
 
 
 def test_batch_is_not_admitted_past_its_round_share():
