@@ -68,6 +68,7 @@ async def test_gateway_streams_the_target_output(models):
                      "max_new_tokens"),
                     (generate_pb2.GenerateRequest(text="x", max_new_tokens=0),
                      "max_new_tokens"),  # 0 is rejected, as the CLI and client do
+                    (generate_pb2.GenerateRequest(text="x", priority=7), "priority"),
                     (generate_pb2.GenerateRequest(text="x", max_new_tokens=4097),
                      "max_new_tokens"),
                     (generate_pb2.GenerateRequest(text="x", sampling=common_pb2.SamplingParams(

@@ -12,10 +12,12 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from specmesh.cache_service.__main__ import start_server
 from specmesh.cache_service.config import CacheServiceConfig
@@ -64,7 +66,8 @@ async def test_two_models_and_two_versions_behind_one_gateway(models, redis_serv
             dict(name="tiny", version="1", verify=va, tree="chain:4", weight=90, **common),
             dict(name="tiny", version="2", verify=vb, tree="dynamic:8", weight=10, **common),
             dict(name="small", version="1", verify=vb, tokenizer=tok, default=True)]))
-        server, servicer = await start_gateway(None, None, None, models=path, http_port=0)
+        server, servicer = await start_gateway(None, None, None, models=path, http_port=0,
+                                               metrics_port=0)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
                 stub = generate_pb2_grpc.GenerateServiceStub(ch)
@@ -101,6 +104,13 @@ async def test_two_models_and_two_versions_behind_one_gateway(models, redis_serv
             with pytest.raises(openai.NotFoundError):
                 await api.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
             await api.close()
+            scraped = await asyncio.to_thread(urllib.request.urlopen,
+                                              f"http://127.0.0.1:{servicer.metrics_port}/metrics")
+            ttft = {(s.labels["model"], s.labels["priority"]): s.value
+                    for f in text_string_to_metric_families(scraped.read().decode())
+                    if f.name == "specmesh_time_to_first_token_seconds"
+                    for s in f.samples if s.name.endswith("_count")}
+            assert ttft[("tiny@1", "interactive")] >= 180 and ttft[("tiny@2", "interactive")] >= 20
             # a new file: tiny@2 retired, tiny@3 added on the first verify service
             path.write_text(registry_toml([
                 dict(name="tiny", version="1", verify=va, default=True, **common),

@@ -65,6 +65,16 @@ async def test_completions_equal_the_client_library_streamed_and_not(models):
                                                  extra_body={"speculate": False,
                                                              "ignore_eos": True})
             assert plain.choices[0].text == want.text
+            for extra in (dict(extra_body={"priority": "batch", "ignore_eos": True}),
+                          dict(extra_body={"ignore_eos": True},
+                               extra_headers={"X-Priority": "batch"})):
+                batch = await api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
+                                                     temperature=0, **extra)
+                assert batch.choices[0].text == want.text
+            with pytest.raises(openai.BadRequestError) as info:
+                await api.completions.create(model=MODEL, prompt=PROMPT,
+                                             extra_headers={"X-Priority": "urgent"})
+            assert info.value.body["param"] == "priority"
             models_list = await api.models.list()
             assert [m.id for m in models_list.data] == [TINY_TARGET, f"{TINY_TARGET}@1"]
             assert got.model == f"{TINY_TARGET}@1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 
 import pytest
@@ -225,3 +226,16 @@ def test_connection_shared_across_trees_not_across_services():
     assert one.connection() == two.connection()
     assert one.connection() != three.connection()
     hash(one.connection())
+
+
+def test_the_readme_example_loads(tmp_path):
+    """README's registry example is a valid file (kept true as the keys change)."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = "# models.toml" + readme.split("```toml\n# models.toml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "models.toml"
+    path.write_text(block)
+    reg = Registry.load(path)
+    assert reg.keys() == ["stories@2", "stories@3"]
+    assert [e.weight for e in reg.entries] == [90, 10]
+    assert reg.entries[1].scheduler.batch.max_queued == 256
+    assert reg.entries[1].scheduler.max_running == 32
