@@ -89,7 +89,11 @@ async def test_kill_9_of_a_replica_mid_run_keeps_every_output(models, victim):
         async with AsyncSpecMeshClient(f"{a['v1']},{a['v2']}", f"{a['d1']},{a['d2']}",
                                        str(models / TINY_TARGET)) as client:
             run = asyncio.ensure_future(_outputs(client, 24, 48))
-            await asyncio.sleep(0.3)
+            verify_set, draft_set = client._replica_sets
+            target = (verify_set if victim == "verify" else draft_set).replicas[1]
+            deadline = time.monotonic() + 30
+            while target.items_served == 0 and time.monotonic() < deadline and not run.done():
+                await asyncio.sleep(0.01)  # mid-run: the victim has served some of it
             killed_at = time.monotonic()
             procs["v2" if victim == "verify" else "d2"].proc.kill()  # SIGKILL mid-run
             got = await run
