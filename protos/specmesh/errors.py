@@ -46,9 +46,10 @@ class UnknownModel(SpecMeshError):
 
     code = "NOT_FOUND"
 
-    def __init__(self, model: str, known: list[str] | tuple[str, ...] = ()):
+    def __init__(self, model: str, known: list[str] | tuple[str, ...] = (),
+                 message: str | None = None):
         served = ", ".join(known) if known else "none"
-        super().__init__(f"model: unknown model {model!r} (served: {served})")
+        super().__init__(message or f"model: unknown model {model!r} (served: {served})")
         self.field = "model"
         self.model = model
 

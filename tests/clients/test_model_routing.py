@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from specmesh.cache_service.__main__ import start_server
 from specmesh.cache_service.config import CacheServiceConfig
 from specmesh.clients.async_client import AsyncSpecMeshClient
+from specmesh.clients.facade import AsyncClient
 from specmesh.clients.gateway import start_gateway
+from specmesh.errors import UnknownModel
 from specmesh.v1 import generate_pb2, generate_pb2_grpc
 from tests.conftest import REPO, TINY_DRAFT, TINY_TARGET
 from tests.stack import model_server
@@ -92,6 +94,13 @@ async def test_two_models_and_two_versions_behind_one_gateway(models, redis_serv
                         await generate(stub, model)
                     assert info.value.code() == grpc.StatusCode.NOT_FOUND
                     assert info.value.details().startswith("model: unknown model")
+            async with AsyncClient(f"127.0.0.1:{server.port}", model="tiny@2") as lib:
+                r = await lib.generate(PROMPT, max_new_tokens=16, ignore_eos=True)
+                assert r.token_ids == want_b and r.model == "tiny@2"
+            async with AsyncClient(f"127.0.0.1:{server.port}", model="nope") as lib:
+                with pytest.raises(UnknownModel) as info:
+                    await lib.generate(PROMPT, max_new_tokens=2)
+                assert info.value.model == "nope" and info.value.code == "NOT_FOUND"
             api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{servicer.http.port}/v1",
                                      api_key="unused", max_retries=0)
             listed = await api.models.list()

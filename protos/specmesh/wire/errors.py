@@ -5,6 +5,8 @@ The classes live in `specmesh.errors` (no gRPC); they are re-exported here for w
 
 from __future__ import annotations
 
+import ast
+
 import grpc
 
 from specmesh.errors import (
@@ -14,11 +16,12 @@ from specmesh.errors import (
     NotReady,
     RemoteError,
     SpecMeshError,
+    UnknownModel,
     UnknownSequence,
 )
 
 __all__ = ["CapacityExhausted", "InvalidRequest", "NotReady", "RemoteError", "SpecMeshError",
-           "UnknownSequence", "error_from_rpc", "status_code"]
+           "UnknownModel", "UnknownSequence", "error_from_rpc", "status_code"]
 
 
 def status_code(exc: SpecMeshError) -> grpc.StatusCode:
@@ -36,4 +39,12 @@ def error_from_rpc(err: grpc.RpcError) -> SpecMeshError:
         return InvalidRequest(field, problem)
     if cls is None:
         return RemoteError(code.name, details)
+    prefix = "model: unknown model "
+    if cls is UnknownSequence and (details or "").startswith(prefix):
+        name = details[len(prefix):].split(" (served", 1)[0]
+        try:
+            name = ast.literal_eval(name)
+        except (ValueError, SyntaxError):
+            pass
+        return UnknownModel(str(name), message=details)  # the gateway's message, kept whole
     return cls(details)
