@@ -188,10 +188,11 @@ class Scheduler:
         # the next interactive request arrives is then a short one
         shared = self._round - self._last_interactive < self.config.interactive_window_rounds
         batch = self._batch_share(self.config.max_batch_tokens - used, shared)
+        limit = self.config.max_batch_tokens  # batch admissions stay inside its share too
+        if shared:
+            limit = min(limit, used + self.config.batch.max_round_tokens)
         b_fresh, b_back = self._admit("batch", used + self._tokens(batch),
-                                      len(inter) + len(i_fresh) + len(batch),
-                                      used + self.config.batch.max_round_tokens if shared
-                                      else self.config.max_batch_tokens)
+                                      len(inter) + len(i_fresh) + len(batch), limit)
         running, fresh = inter + batch + b_back, i_fresh + b_fresh
         planned = running + fresh
         step_tokens = self._tokens(planned)

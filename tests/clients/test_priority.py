@@ -130,3 +130,10 @@ def test_limits_validate_and_come_from_config_tables():
         SchedulerConfig(batch={"max_runing": 4})
     with pytest.raises(InvalidRequest, match="priority"):
         req("x", "urgent")
+
+
+def test_batch_admission_never_passes_the_round_budget():
+    s = sched(max_batch_tokens=8, max_round_tokens=2048)
+    s.add(req("i1", prompt_len=6))
+    s.add(req("b1", "batch", prompt_len=3))
+    assert planned(s.schedule()) == ["i1"]  # 6 + 3 > 8, however large batch's own share
