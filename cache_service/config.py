@@ -23,6 +23,11 @@ class CacheServiceConfig:
     """Lifetime of a prefix-KV chunk, seconds; 0 = no TTL (LRU eviction only)."""
     result_ttl_s: int = 3600
     """Lifetime of a result-cache entry, seconds; 0 = no TTL (LRU eviction only)."""
+    ngram_ttl_s: int = 86400
+    """Lifetime of a fleet n-gram context's table since it was last counted, seconds; 0 = no
+    TTL (LRU eviction only)."""
+    ngram_max_continuations: int = 16
+    """Continuations kept per n-gram context (the most counted; space-saving replacement)."""
     max_result_bytes: int = 1 << 20
     """Results whose stored value is bigger than this are not cached."""
     max_chunk_bytes: int = 64 << 20
@@ -49,8 +54,10 @@ class CacheServiceConfig:
                                           "redis+cluster://", "rediss+cluster://")):
             raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, "
                              "rediss://, unix:// or redis+cluster:// (rediss+cluster://)")
-        if self.chunk_ttl_s < 0 or self.result_ttl_s < 0:
-            raise ValueError("chunk_ttl_s and result_ttl_s must be >= 0")
+        if min(self.chunk_ttl_s, self.result_ttl_s, self.ngram_ttl_s) < 0:
+            raise ValueError("chunk_ttl_s, result_ttl_s and ngram_ttl_s must be >= 0")
+        if not 1 <= self.ngram_max_continuations <= 256:
+            raise ValueError("ngram_max_continuations must be in [1, 256]")
         if min(self.max_result_bytes, self.max_chunk_bytes, self.piece_bytes) <= 0:
             raise ValueError("max_result_bytes, max_chunk_bytes and piece_bytes must be positive")
         if self.piece_bytes > self.max_message_bytes - (64 << 10):

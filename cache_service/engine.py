@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from specmesh.cache_service import codec, keys
+from specmesh.cache_service import codec, keys, ngrams
 from specmesh.cache_service.codec import CachedResult, ChunkData, RejectedEntry
 from specmesh.cache_service.config import CacheServiceConfig
 from specmesh.cache_service.keys import ResultKeyFields
@@ -36,6 +36,7 @@ OFF_LOOP_TOKENS = 4096  # key chains longer than this are hashed off the event l
 MAX_CHUNK_SIZE = 1 << 16
 MAX_KEYS = 1 << 16
 MAX_TOKEN_ID = (1 << 31) - 1
+OFF_LOOP_NGRAMS = 1024  # PutNgrams with more pairs than this are counted off the event loop
 GET_BATCH = 8  # chunk payloads fetched per Redis round trip
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
@@ -190,6 +191,47 @@ class CacheEngine:
         await self.store.put_result(key, value, self.config.result_ttl_s)
         return True
 
+    # -- fleet n-gram table ---------------------------------------------------------------------
+    async def put_ngrams(self, fingerprint: str, put: ngrams.NgramPut) -> int:
+        """Count the (context, continuation) pairs of a checked stretch; the pairs counted (0
+        if Redis failed)."""
+        _check_fingerprint(fingerprint, "fingerprint")
+        if (put.end - put.first) * (put.max_n - put.min_n + 1) <= OFF_LOOP_NGRAMS:
+            entries = _ngram_entries(fingerprint, put)
+        else:
+            entries = await asyncio.to_thread(_ngram_entries, fingerprint, put)
+        num = sum(len(members) for members in entries.values())
+        start = self._clock()
+        ok = await self._redis("put_ngrams", lambda: self._put_ngrams(entries), False)
+        self.stats.observe("put_ngrams", self._clock() - start)
+        if not ok:
+            return 0
+        self.stats.ngrams_written += num
+        return num
+
+    async def _put_ngrams(self, entries: dict[str, list[bytes]]) -> bool:
+        await self.store.put_ngrams(entries, self.config.ngram_max_continuations,
+                                    self.config.ngram_ttl_s)
+        return True
+
+    async def get_ngrams(self, fingerprint: str, contexts: Sequence[Sequence[int]], top: int
+                         ) -> list[list[tuple[tuple[int, ...], int]]]:
+        """Per context, its most counted (continuation, count) pairs (at most `top`, 0 = the
+        configured cap); empty lists on a miss or Redis trouble."""
+        _check_fingerprint(fingerprint, "fingerprint")
+        top = ngrams.check_contexts(contexts, top, self.config.ngram_max_continuations)
+        names = [keys.ngram_key(fingerprint, ctx) for ctx in contexts]
+        start = self._clock()
+        rows = await self._redis("get_ngrams", lambda: self.store.get_ngrams(names, top), None)
+        self.stats.observe("get_ngrams", self._clock() - start)
+        out: list[list[tuple[tuple[int, ...], int]]] = []
+        for row in rows or [[] for _ in names]:
+            conts = [(ngrams.decode_continuation(m), int(score)) for m, score in row]
+            out.append([(c, n) for c, n in conts if c is not None and n > 0])
+        self.stats.ngram_lookups += len(names)
+        self.stats.ngram_hits += sum(bool(entry) for entry in out)
+        return out
+
     # -- Redis calls ----------------------------------------------------------------------------
     async def _redis(self, op: str, call: Callable[[], Awaitable[T]], miss: T) -> T:
         """Run one store call under the timeout; on any Redis trouble count, log, return `miss`."""
@@ -210,6 +252,13 @@ class CacheEngine:
             await self.store.close()
         except (RedisError, OSError):
             pass
+
+
+def _ngram_entries(fingerprint: str, put: ngrams.NgramPut) -> dict[str, list[bytes]]:
+    """Context key -> its continuations (msgpack), sorted: the same request, the same calls."""
+    return {keys.ngram_key(fingerprint, ctx): [ngrams.encode_continuation(c)
+                                               for c in sorted(conts)]
+            for ctx, conts in ngrams.ngram_pairs(put).items()}
 
 
 def _check_fingerprint(fingerprint: str, field: str) -> None:

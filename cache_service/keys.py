@@ -11,6 +11,9 @@ any longer sequence, and two models (or chunk sizes) never share an entry. Only 
 keyed: a trailing partial chunk has no key.
 
 Result keys: sha256 of a canonical msgpack of every field that decides the output.
+
+N-gram keys (the fleet n-gram table): sha256("specmesh-ngram-v1" || fingerprint || context), so
+the same context under two table keys (models) names two entries.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 
 CHAIN_TAG = b"specmesh-kv-chain-v1"
 RESULT_TAG = "specmesh-result-v1"
+NGRAM_TAG = b"specmesh-ngram-v1"
 KEY_HEX_LEN = 64  # sha256 hex digest
 
 
@@ -46,6 +50,14 @@ def chunk_keys(fingerprint: str, token_ids: Sequence[int], chunk_size: int) -> l
         digest = hashlib.sha256(digest + chunk.tobytes()).digest()
         keys.append(digest.hex())
     return keys
+
+
+def ngram_key(fingerprint: str, context: Sequence[int]) -> str:
+    """Hex key of one n-gram context (1..8 tokens) in the table of `fingerprint`."""
+    fp = fingerprint.encode()
+    tokens = np.asarray(context, dtype="<i8")  # [n] fixed byte layout
+    return hashlib.sha256(NGRAM_TAG + len(fp).to_bytes(4, "little") + fp +
+                          tokens.tobytes()).hexdigest()
 
 
 def is_key(text: str) -> bool:

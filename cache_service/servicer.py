@@ -7,6 +7,7 @@ import dataclasses
 from specmesh.cache_service.codec import CachedResult, ChunkData, expected_bytes, make_chunk
 from specmesh.cache_service.engine import CacheEngine
 from specmesh.cache_service.keys import ResultKeyFields
+from specmesh.cache_service.ngrams import check_put
 from specmesh.cache_service.stats import CacheStats
 from specmesh.v1 import cache_pb2, cache_pb2_grpc
 from specmesh.wire.errors import InvalidRequest, SpecMeshError, status_code
@@ -38,7 +39,8 @@ def stats_response(s: CacheStats) -> cache_pb2.StatsResponse:
         chunks_skipped=s.chunks_skipped, result_hits=s.result_hits,
         result_misses=s.result_misses, results_written=s.results_written,
         results_skipped=s.results_skipped, bytes_read=s.bytes_read,
-        bytes_written=s.bytes_written, errors=s.errors, latency=latency)
+        bytes_written=s.bytes_written, errors=s.errors, latency=latency,
+        ngram_lookups=s.ngram_lookups, ngram_hits=s.ngram_hits, ngrams_written=s.ngrams_written)
 
 
 class ChunkAssembler:
@@ -186,6 +188,21 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             result_fields(request.key),
             CachedResult(tuple(request.token_ids), request.finish_reason, request.mac))
         return cache_pb2.PutResultResponse(stored=stored)
+
+    async def PutNgrams(self, request, context):
+        put = check_put(request.token_ids, request.first_position, request.end_position,
+                        request.min_n, request.max_n, request.max_depth)
+        num = await self.engine.put_ngrams(request.fingerprint, put)
+        return cache_pb2.PutNgramsResponse(num_ngrams=num)
+
+    async def GetNgrams(self, request, context):
+        entries = await self.engine.get_ngrams(
+            request.fingerprint, [list(c.token_ids) for c in request.contexts],
+            request.max_continuations)
+        return cache_pb2.GetNgramsResponse(entries=[
+            cache_pb2.NgramEntry(continuations=[
+                cache_pb2.NgramContinuation(token_ids=tokens, count=min(count, (1 << 32) - 1))
+                for tokens, count in entry]) for entry in entries])
 
     async def Stats(self, request, context):
         return stats_response(self.engine.stats)

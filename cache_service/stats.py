@@ -46,6 +46,9 @@ class CacheStats:
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
+    ngram_lookups: int = 0
+    ngram_hits: int = 0
+    ngrams_written: int = 0
     rejected_by_reason: Counter = field(default_factory=Counter)
     latency: dict[str, OpLatency] = field(default_factory=dict)
 
@@ -89,6 +92,11 @@ class StatsCollector(Collector):
                 "reason", dict(sorted(s.rejected_by_reason.items())))
         yield f(CounterMetricFamily, "specmesh_cache_bytes", "Value bytes moved", "direction",
                 {"read": s.bytes_read, "written": s.bytes_written})
+        yield f(CounterMetricFamily, "specmesh_cache_ngram_lookups", "Fleet n-gram contexts "
+                "looked up, by outcome", "outcome",
+                {"hit": s.ngram_hits, "miss": s.ngram_lookups - s.ngram_hits})
+        yield f(CounterMetricFamily, "specmesh_cache_ngrams_written",
+                "Fleet n-gram (context, continuation) pairs counted", value=s.ngrams_written)
         yield f(CounterMetricFamily, "specmesh_cache_errors", "Redis failures answered as misses",
                 value=s.errors)
         yield self._latency()

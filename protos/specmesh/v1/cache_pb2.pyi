@@ -143,6 +143,66 @@ class PutResultResponse(_message.Message):
     stored: bool
     def __init__(self, stored: _Optional[bool] = ...) -> None: ...
 
+class PutNgramsRequest(_message.Message):
+    __slots__ = ("fingerprint", "token_ids", "first_position", "end_position", "min_n", "max_n", "max_depth")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    END_POSITION_FIELD_NUMBER: _ClassVar[int]
+    MIN_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_position: int
+    end_position: int
+    min_n: int
+    max_n: int
+    max_depth: int
+    def __init__(self, fingerprint: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ..., end_position: _Optional[int] = ..., min_n: _Optional[int] = ..., max_n: _Optional[int] = ..., max_depth: _Optional[int] = ...) -> None: ...
+
+class PutNgramsResponse(_message.Message):
+    __slots__ = ("num_ngrams",)
+    NUM_NGRAMS_FIELD_NUMBER: _ClassVar[int]
+    num_ngrams: int
+    def __init__(self, num_ngrams: _Optional[int] = ...) -> None: ...
+
+class NgramContext(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetNgramsRequest(_message.Message):
+    __slots__ = ("fingerprint", "contexts", "max_continuations")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTINUATIONS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    contexts: _containers.RepeatedCompositeFieldContainer[NgramContext]
+    max_continuations: int
+    def __init__(self, fingerprint: _Optional[str] = ..., contexts: _Optional[_Iterable[_Union[NgramContext, _Mapping]]] = ..., max_continuations: _Optional[int] = ...) -> None: ...
+
+class NgramContinuation(_message.Message):
+    __slots__ = ("token_ids", "count")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    count: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class NgramEntry(_message.Message):
+    __slots__ = ("continuations",)
+    CONTINUATIONS_FIELD_NUMBER: _ClassVar[int]
+    continuations: _containers.RepeatedCompositeFieldContainer[NgramContinuation]
+    def __init__(self, continuations: _Optional[_Iterable[_Union[NgramContinuation, _Mapping]]] = ...) -> None: ...
+
+class GetNgramsResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[NgramEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[NgramEntry, _Mapping]]] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -160,7 +220,7 @@ class OpLatency(_message.Message):
     def __init__(self, op: _Optional[str] = ..., count: _Optional[int] = ..., mean_ms: _Optional[float] = ..., max_ms: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("prefix_hits", "prefix_misses", "prefix_tokens_hit", "chunks_read", "chunks_written", "chunks_rejected", "chunks_skipped", "result_hits", "result_misses", "results_written", "results_skipped", "bytes_read", "bytes_written", "errors", "latency")
+    __slots__ = ("prefix_hits", "prefix_misses", "prefix_tokens_hit", "chunks_read", "chunks_written", "chunks_rejected", "chunks_skipped", "result_hits", "result_misses", "results_written", "results_skipped", "bytes_read", "bytes_written", "errors", "latency", "ngram_lookups", "ngram_hits", "ngrams_written")
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_MISSES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_HIT_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +236,9 @@ class StatsResponse(_message.Message):
     BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_HITS_FIELD_NUMBER: _ClassVar[int]
+    NGRAMS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     prefix_hits: int
     prefix_misses: int
     prefix_tokens_hit: int
@@ -191,4 +254,7 @@ class StatsResponse(_message.Message):
     bytes_written: int
     errors: int
     latency: _containers.RepeatedCompositeFieldContainer[OpLatency]
-    def __init__(self, prefix_hits: _Optional[int] = ..., prefix_misses: _Optional[int] = ..., prefix_tokens_hit: _Optional[int] = ..., chunks_read: _Optional[int] = ..., chunks_written: _Optional[int] = ..., chunks_rejected: _Optional[int] = ..., chunks_skipped: _Optional[int] = ..., result_hits: _Optional[int] = ..., result_misses: _Optional[int] = ..., results_written: _Optional[int] = ..., results_skipped: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[OpLatency, _Mapping]]] = ...) -> None: ...
+    ngram_lookups: int
+    ngram_hits: int
+    ngrams_written: int
+    def __init__(self, prefix_hits: _Optional[int] = ..., prefix_misses: _Optional[int] = ..., prefix_tokens_hit: _Optional[int] = ..., chunks_read: _Optional[int] = ..., chunks_written: _Optional[int] = ..., chunks_rejected: _Optional[int] = ..., chunks_skipped: _Optional[int] = ..., result_hits: _Optional[int] = ..., result_misses: _Optional[int] = ..., results_written: _Optional[int] = ..., results_skipped: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[OpLatency, _Mapping]]] = ..., ngram_lookups: _Optional[int] = ..., ngram_hits: _Optional[int] = ..., ngrams_written: _Optional[int] = ...) -> None: ...

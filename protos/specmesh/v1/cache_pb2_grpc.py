@@ -62,6 +62,16 @@ class CacheServiceStub:
                 request_serializer=specmesh_dot_v1_dot_cache__pb2.PutResultRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_cache__pb2.PutResultResponse.FromString,
                 _registered_method=True)
+        self.PutNgrams = channel.unary_unary(
+                '/specmesh.v1.CacheService/PutNgrams',
+                request_serializer=specmesh_dot_v1_dot_cache__pb2.PutNgramsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_cache__pb2.PutNgramsResponse.FromString,
+                _registered_method=True)
+        self.GetNgrams = channel.unary_unary(
+                '/specmesh.v1.CacheService/GetNgrams',
+                request_serializer=specmesh_dot_v1_dot_cache__pb2.GetNgramsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_cache__pb2.GetNgramsResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/specmesh.v1.CacheService/Stats',
                 request_serializer=specmesh_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
@@ -111,6 +121,22 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutNgrams(self, request, context):
+        """The fleet n-gram table of model-free drafting: what followed short token contexts in the
+        sequences of every request, counted per table key (the target model), a bounded top of
+        continuations per context. PutNgrams counts a stretch of one sequence; GetNgrams returns
+        the top continuations of a batch of contexts (Redis trouble: empty entries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNgrams(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -144,6 +170,16 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.PutResult,
                     request_deserializer=specmesh_dot_v1_dot_cache__pb2.PutResultRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_cache__pb2.PutResultResponse.SerializeToString,
+            ),
+            'PutNgrams': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutNgrams,
+                    request_deserializer=specmesh_dot_v1_dot_cache__pb2.PutNgramsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_cache__pb2.PutNgramsResponse.SerializeToString,
+            ),
+            'GetNgrams': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNgrams,
+                    request_deserializer=specmesh_dot_v1_dot_cache__pb2.GetNgramsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_cache__pb2.GetNgramsResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -289,6 +325,60 @@ class CacheService:
             '/specmesh.v1.CacheService/PutResult',
             specmesh_dot_v1_dot_cache__pb2.PutResultRequest.SerializeToString,
             specmesh_dot_v1_dot_cache__pb2.PutResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutNgrams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.CacheService/PutNgrams',
+            specmesh_dot_v1_dot_cache__pb2.PutNgramsRequest.SerializeToString,
+            specmesh_dot_v1_dot_cache__pb2.PutNgramsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNgrams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.CacheService/GetNgrams',
+            specmesh_dot_v1_dot_cache__pb2.GetNgramsRequest.SerializeToString,
+            specmesh_dot_v1_dot_cache__pb2.GetNgramsResponse.FromString,
             options,
             channel_credentials,
             insecure,

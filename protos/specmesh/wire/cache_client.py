@@ -224,6 +224,46 @@ class CacheClient:
 
         return await self._guard("put_result", call, False)
 
+    # -- fleet n-gram table ---------------------------------------------------------------------
+    async def put_ngrams(self, fingerprint: str, token_ids: Sequence[int], *, first: int = 0,
+                         end: int = 0, min_n: int = 2, max_n: int = 4, max_depth: int = 8,
+                         timeout_s: float | None = None) -> int:
+        """Count the continuations starting at positions [first, end) of `token_ids` (end 0 =
+        the end) after their contexts of min_n..max_n tokens, in the table of `fingerprint`
+        (the target model). The (context, continuation) pairs counted; 0 on any trouble."""
+        async def call() -> int:
+            reply = await self._stub.PutNgrams(cache_pb2.PutNgramsRequest(
+                fingerprint=fingerprint, token_ids=[int(t) for t in token_ids],
+                first_position=first, end_position=end, min_n=min_n, max_n=max_n,
+                max_depth=max_depth), timeout=timeout_s or self.timeout_s)
+            return reply.num_ngrams
+
+        return await self._guard("put_ngrams", call, 0)
+
+    async def get_ngrams(self, fingerprint: str, contexts: Sequence[Sequence[int]],
+                         max_continuations: int = 0, timeout_s: float | None = None
+                         ) -> list[list[tuple[tuple[int, ...], int]]] | None:
+        """Per context (1..8 tokens), its most counted (continuation tokens, count) pairs in the
+        table of `fingerprint`, most counted first. None on any trouble (a miss for all)."""
+        if not contexts:
+            return []
+
+        async def call() -> list[list[tuple[tuple[int, ...], int]]]:
+            reply = await self._stub.GetNgrams(cache_pb2.GetNgramsRequest(
+                fingerprint=fingerprint,
+                contexts=[cache_pb2.NgramContext(token_ids=[int(t) for t in c])
+                          for c in contexts],
+                max_continuations=max_continuations), timeout=timeout_s or self.timeout_s)
+            if len(reply.entries) != len(contexts):
+                raise ValueError(f"{len(reply.entries)} entries for {len(contexts)} contexts")
+            return [[(tuple(c.token_ids), c.count) for c in entry.continuations]
+                    for entry in reply.entries]
+
+        found = await self._guard("get_ngrams", call, None)
+        if found is not None:
+            self._count(any(found))
+        return found
+
     async def server_stats(self) -> cache_pb2.StatsResponse | None:
         return await self._guard("stats", lambda: self._stub.Stats(
             cache_pb2.StatsRequest(), timeout=self.timeout_s), None)
