@@ -5,6 +5,7 @@ from specmesh.model_service.startup import tune_openmp
 tune_openmp()  # before torch loads
 
 from specmesh.draft_service.engine import DraftEngine  # noqa: E402
+from specmesh.draft_service.ngram_fleet import ngram_options  # noqa: E402
 from specmesh.draft_service.servicer import DraftServicer  # noqa: E402
 from specmesh.model_service.startup import ServiceSpec, main  # noqa: E402
 from specmesh.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
@@ -14,7 +15,7 @@ from specmesh.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
 DEFAULTS = {"kv_cache_mb": 256.0, "threads": 1}
 SPEC = ServiceSpec("specmesh serve draft", draft_pb2, "DraftService",
                    draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftEngine,
-                   DraftEngine.propose_batch, DraftServicer, DEFAULTS)
+                   DraftEngine.propose_batch, DraftServicer, DEFAULTS, ngram_options)
 SERVICE_NAME = SPEC.full_name
 
 if __name__ == "__main__":

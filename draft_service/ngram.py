@@ -9,11 +9,13 @@ occur (most recent first, at most `max_matches`) contributes the tokens that fol
 matches that pass through it, a match of a longer n counting more (it is more specific),
 discounted by DEPTH_DECAY per level. The `budget` best nodes are kept (a parent always ranks above
 its children, so the kept set is a tree) and returned in topological order: several matches make
-a tree, not a chain.
+a tree, not a chain. `extra` continuations (the fleet table, `ngram_fleet`) join the same trie
+with their own weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,44 +54,64 @@ def match_starts(history: np.ndarray, n: int, limit: int) -> np.ndarray:
 
 
 def propose_tree(history: np.ndarray, budget: int, config: NgramConfig = NgramConfig(),
-                 chain: bool = False) -> tuple[list[int], list[int]]:
+                 chain: bool = False, extra: Sequence[tuple[float, Sequence[int]]] = ()
+                 ) -> tuple[list[int], list[int]]:
     """(tokens, parents) of at most `budget` draft nodes (parents[i] = -1 for a child of the last
-    token, else an earlier index); empty when nothing in `history` repeats its suffix. `chain`:
-    one path, the best-supported child at every step."""
+    token, else an earlier index); empty when nothing in `history` repeats its suffix and
+    `extra` is empty. `chain`: one path, the best-supported child at every step. `extra`:
+    (weight, continuation) pairs from elsewhere (the fleet table), merged into the same trie
+    after the local matches, each adding `weight` to the nodes of its path."""
     if budget <= 0:
         return [], []
     history = np.asarray(history)
-    children: list[dict[int, int]] = [{}]  # trie node -> {token: child node}; node 0 = root
-    token_of, parent_of, score = [-1], [-1], [0.0]
+    trie = _Trie()
     for n in range(min(config.max_n, len(history) - 1), config.min_n - 1, -1):
         for start in match_starts(history, n, config.max_matches).tolist():
-            node = 0
-            for tok in history[start:start + config.max_depth].tolist():
-                nxt = children[node].get(tok)
-                if nxt is None:
-                    nxt = len(token_of)
-                    children[node][tok] = nxt
-                    children.append({})
-                    token_of.append(tok)
-                    parent_of.append(node)
-                    score.append(0.0)
-                score[nxt] += n  # longer suffixes are stronger evidence
-                node = nxt
+            trie.add(history[start:start + config.max_depth].tolist(), n)  # longer: stronger
+    for weight, continuation in extra:
+        trie.add(list(continuation[:config.max_depth]), weight)
     if chain:
-        return _best_path(children, token_of, score, budget)
-    depth = [0] * len(token_of)
-    for i in range(1, len(token_of)):
-        depth[i] = depth[parent_of[i]] + 1
-    # evidence, discounted with depth (a match need not continue): a parent always ranks above
-    # its children (at least their score, one step shallower), so the kept set is a tree;
-    # ties go to the shallower node (breadth), then to the most recent match
-    kept = sorted(range(1, len(token_of)),
-                  key=lambda i: (-score[i] * DEPTH_DECAY ** depth[i], depth[i], i))[:budget]
-    kept.sort()  # creation order is topological (a parent is created before its children)
-    index = {node: i for i, node in enumerate(kept)}
-    tokens = [token_of[node] for node in kept]
-    parents = [index[parent_of[node]] if parent_of[node] else -1 for node in kept]
-    return tokens, parents
+        return _best_path(trie.children, trie.token_of, trie.score, budget)
+    return trie.best_nodes(budget)
+
+
+class _Trie:
+    """Continuations merged by shared prefix; node 0 is the root (the last committed token)."""
+
+    def __init__(self):
+        self.children: list[dict[int, int]] = [{}]  # node -> {token: child node}
+        self.token_of, self.parent_of, self.score = [-1], [-1], [0.0]
+
+    def add(self, tokens: list[int], weight: float) -> None:
+        node = 0
+        for tok in tokens:
+            nxt = self.children[node].get(tok)
+            if nxt is None:
+                nxt = len(self.token_of)
+                self.children[node][tok] = nxt
+                self.children.append({})
+                self.token_of.append(tok)
+                self.parent_of.append(node)
+                self.score.append(0.0)
+            self.score[nxt] += weight
+            node = nxt
+
+    def best_nodes(self, budget: int) -> tuple[list[int], list[int]]:
+        token_of, parent_of, score = self.token_of, self.parent_of, self.score
+        depth = [0] * len(token_of)
+        for i in range(1, len(token_of)):
+            depth[i] = depth[parent_of[i]] + 1
+        # evidence, discounted with depth (a match need not continue): a parent always ranks
+        # above its children (at least their score, one step shallower), so the kept set is a
+        # tree; ties go to the shallower node (breadth), then to the earliest created (the most
+        # recent local match; local matches before fleet evidence)
+        kept = sorted(range(1, len(token_of)),
+                      key=lambda i: (-score[i] * DEPTH_DECAY ** depth[i], depth[i], i))[:budget]
+        kept.sort()  # creation order is topological (a parent is created before its children)
+        index = {node: i for i, node in enumerate(kept)}
+        tokens = [token_of[node] for node in kept]
+        parents = [index[parent_of[node]] if parent_of[node] else -1 for node in kept]
+        return tokens, parents
 
 
 def _best_path(children: list[dict[int, int]], token_of: list[int], score: list[float],

@@ -17,6 +17,7 @@ import numpy as np
 
 from specmesh.draft_service.engine import ProposeItem, ProposeResult
 from specmesh.draft_service.ngram import NgramConfig, propose_tree
+from specmesh.draft_service.ngram_fleet import FleetTable
 from specmesh.errors import OWNER_SEP, InvalidRequest, UnknownSequence
 
 MAX_TOKEN_ID = 1 << 30  # ids are checked by the verify service against its vocabulary
@@ -63,25 +64,40 @@ class TokenHistories:
             self._seqs.popitem(last=False)
         return tokens
 
+    def get(self, seq_id: str) -> np.ndarray | None:
+        """The tokens held for `seq_id` [L] int32 (None if unknown)."""
+        return self._seqs.get(seq_id)
+
     def release(self, seq_ids: list[str]) -> int:
         return sum(self._seqs.pop(s, None) is not None for s in seq_ids)
 
 
 class NgramDrafter:
     """Proposes trees from each sequence's own tokens (`draft_service.ngram`): microseconds per
-    item, run inline on the event loop (no batching, no worker thread)."""
+    item, run inline on the event loop (no batching, no worker thread). With a `fleet` table
+    (`draft_service.ngram_fleet`) continuations seen in other requests join the local matches,
+    and finished sequences are published to it."""
 
-    def __init__(self, config: NgramConfig = NgramConfig(), histories: TokenHistories | None = None):
+    def __init__(self, config: NgramConfig = NgramConfig(), histories: TokenHistories | None = None,
+                 fleet: FleetTable | None = None):
         self.config = config
         self.histories = histories or TokenHistories()
+        self.fleet = fleet
+
+    async def prepare(self, item: ProposeItem) -> None:
+        """Before a new sequence's first proposal: fetch its prompt's fleet contexts (bounded
+        wait). Nothing to do without a fleet table or for a running sequence."""
+        if self.fleet is not None and item.num_cached_tokens == 0 and item.new_tokens:
+            await self.fleet.admit(item.new_tokens)
 
     def propose(self, item: ProposeItem) -> ProposeResult:
         history = self.histories.sync(item.seq_id, item.num_cached_tokens, item.new_tokens)
         config = self.config
         if item.spec.max_depth:
             config = dataclasses.replace(config, max_depth=item.spec.max_depth)
+        extra = self.fleet.continuations(item.seq_id, history) if self.fleet else ()
         tokens, parents = propose_tree(history, item.spec.max_nodes, config,
-                                       chain=item.spec.kind == "chain")
+                                       chain=item.spec.kind == "chain", extra=extra)
         # sampling: every node's children are fixed candidates (an empty draft distribution is
         # a point mass at each proposed token; kernels/sampling.py keeps that lossless)
         dists = [None] * (len(tokens) + 1) if tokens and not item.sampling.greedy else []
@@ -97,4 +113,11 @@ class NgramDrafter:
         return out
 
     def release(self, seq_ids: list[str]) -> int:
+        if self.fleet is not None:
+            for seq_id in seq_ids:
+                self.fleet.finish(seq_id, self.histories.get(seq_id))
         return self.histories.release(seq_ids)
+
+    async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()

@@ -41,6 +41,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
 
     async def submit(self, item: ProposeItem):
         if item.spec.model_free or self.engine is None:
+            await self.ngram.prepare(item)
             return self.ngram.propose(item)
         return await super().submit(item)
 
@@ -49,6 +50,10 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         if self.engine is not None:
             n += await super().release_finished(seq_ids, owner)
         return n
+
+    async def close(self) -> None:
+        await self.ngram.close()
+        await super().close()
 
     async def GetModelInfo(self, request, context):
         return NGRAM_INFO if self.engine is None else await super().GetModelInfo(request, context)

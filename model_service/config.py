@@ -61,6 +61,11 @@ class ModelServiceConfig:
     """Interface the metrics server binds (0.0.0.0 to let a scraper on another host in)."""
     cache_addr: str | None = None
     """host:port of the cache service for prefix KV; None = no prefix cache."""
+    ngram_fleet_key: str | None = None
+    """Draft service only: share n-gram drafting's continuations with every draft service of
+    the fleet through the cache service (needs --cache-addr), in the table of this key: the
+    target model's fingerprint (its GetModelInfo, `specmesh info`), or any name that stands for
+    the target model and its tokenizer. None = each sequence's own tokens only."""
     batch_invariant: bool = False
     """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
     output never depends on its batch mates or its tree. Much slower; for reproducibility."""
@@ -90,6 +95,9 @@ class ModelServiceConfig:
             raise ValueError(f"dtype: {self.dtype!r} not in {'/'.join(DTYPES)}")
         if self.method not in ("model", "ngram"):
             raise ValueError(f"method: {self.method!r} not in model/ngram")
+        if self.ngram_fleet_key is not None and not (self.ngram_fleet_key and self.cache_addr):
+            raise ValueError("--ngram-fleet-key needs a non-empty key and --cache-addr (the "
+                             "cache service holds the fleet table)")
         if self.method == "model" and not self.model:
             raise ValueError("--model is required (a draft service may run --method ngram "
                              "without one)")

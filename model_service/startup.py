@@ -46,6 +46,8 @@ class ServiceSpec:
     run_batch: Callable  # unbound engine method: run_batch(engine, items) -> outcomes
     servicer: type[ModelServicer]
     defaults: Mapping[str, Any] = field(default_factory=dict)  # this service's own flag defaults
+    # the service's own servicer keywords from its config (the draft's fleet n-gram table)
+    servicer_options: Callable[[ModelServiceConfig], dict[str, Any]] | None = None
 
     @property
     def short_name(self) -> str:
@@ -87,10 +89,11 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     """Load the model and build the engine on the batcher's one thread, where every forward
     runs: all torch work of the process on one thread (a second thread's OpenMP team put
     libgomp in throttled-spin mode, ~1.5x slower). Then wrap it in the servicer."""
+    if spec.short_name != "draft" and (config.method == "ngram" or config.ngram_fleet_key):
+        raise ValueError("--method ngram and --ngram-fleet-key are for the draft service only")
+    options = spec.servicer_options(config) if spec.servicer_options else {}
     if config.method == "ngram":  # a model-free draft service: nothing to load
-        if spec.short_name != "draft":
-            raise ValueError("--method ngram is for the draft service only")
-        return spec.servicer(None, None, None, metrics)
+        return spec.servicer(None, None, None, metrics, **options)
     from specmesh.kernels import load_for_service  # torch loads here, after tune_openmp()
 
     engine = None
@@ -101,7 +104,7 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
                                lambda *args: worker.call(engine.export_prefix, *args), metrics,
                                config.security)
-    return spec.servicer(engine, worker, prefix, metrics)
+    return spec.servicer(engine, worker, prefix, metrics, **options)
 
 
 def make_batcher(run_batch: Callable[[list], list], config: ModelServiceConfig,
