@@ -56,6 +56,9 @@ class FleetConfig:
     """Local LRU of fetched contexts (empty ones included)."""
     entry_ttl_s: float = 30.0
     """A fetched context is fetched again after this long (others keep publishing)."""
+    miss_ttl_s: float = 5.0
+    """A context fetched with no continuation is fetched again after this long. (Contexts
+    this service publishes are dropped from the LRU at once.)"""
     fetch_batch: int = 256
     """Contexts per GetNgrams call."""
     max_pending: int = 4096
@@ -228,9 +231,10 @@ class FleetTable:
                 return
 
     def _remember(self, batch: list[tuple[int, ...]], found: list[Continuations]) -> None:
-        expires = self._clock() + self.config.entry_ttl_s
+        now = self._clock()
         for ctx, entry in zip(batch, found):
-            self._known[ctx] = (expires, entry)
+            ttl = self.config.entry_ttl_s if entry else self.config.miss_ttl_s
+            self._known[ctx] = (now + ttl, entry)
             self._known.move_to_end(ctx)
             self.stats.contexts_hit += bool(entry)
         self.stats.contexts_fetched += len(batch)
@@ -251,9 +255,13 @@ class FleetTable:
             self._published[seq_id] = ready
 
     def _publish(self, history: np.ndarray, first: int, end: int) -> None:
-        tokens = [int(t) for t in history[max(0, first - self.config.max_n):
-                                          min(len(history), end + self.config.max_depth)]]
+        """Count continuations starting at [first, end) in the background; the contexts they
+        follow are dropped from the LRU (their fetched entries are stale now)."""
         offset = max(0, first - self.config.max_n)
+        tokens = [int(t) for t in history[offset:min(len(history), end + self.config.max_depth)]]
+        for pos in range(first - offset, end - offset):
+            for n in range(self.config.min_n, min(self.config.max_n, pos) + 1):
+                self._known.pop(tuple(tokens[pos - n:pos]), None)
         try:
             task = asyncio.get_running_loop().create_task(
                 self._put(tokens, first - offset, end - offset))
