@@ -66,7 +66,7 @@ def _self_check(fn) -> bool:
 _last_metadata: list = [(None, ())]  # [(metadata, its kernel tensors)]: every layer shares one
 
 
-def _kernel_metadata(meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+def kernel_metadata(meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
     """The metadata in the kernel's integer types, converted once per forward, not per layer
     (one (meta, tensors) pair swapped whole, so threads never see a mixed pair)."""
     last_meta, tensors = _last_metadata[0]
@@ -83,7 +83,7 @@ def _kernel_metadata(meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
 def _call(fn, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     q = q.contiguous()
-    tables, seq_idx, prefix, starts, masks = _kernel_metadata(meta)
+    tables, seq_idx, prefix, starts, masks = kernel_metadata(meta)
     out = torch.empty_like(q)  # [T, H, D]
     max_visible = meta.max_seq_len + MAX_TREE_NODES
     work = num_tokens * num_heads * meta.max_seq_len

@@ -47,7 +47,10 @@ def _build(compiler: str, source: pathlib.Path, flags: tuple[str, ...]) -> pathl
     """Compile (or reuse) `source`; the name covers source, flags and CPU features."""
     torch_lib = pathlib.Path(torch.__file__).resolve().parent / "lib"
     link = (f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lm")  # torch's own libgomp
-    key = hashlib.sha256(source.read_bytes() + repr((flags, link, _cpu_flags())).encode())
+    # every csrc file: a kernel may #include another (layer_f16.c includes three)
+    sources = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.c")) if p != source)
+    key = hashlib.sha256(source.read_bytes() + sources
+                         + repr((flags, link, _cpu_flags())).encode())
     out = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out

@@ -53,6 +53,10 @@ def _call(fn, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return y
 
 
+def available() -> bool:
+    return _library() is not None
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 CPU rows [T, dim] with dim % 16 == 0 and a contiguous fp32 weight."""
     return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2

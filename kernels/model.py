@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specmesh.kernels import cpu_norm
+from specmesh.kernels import cpu_layer, cpu_norm
 from specmesh.kernels.attention_metadata import AttentionMetadata
 from specmesh.kernels.config import ModelConfig
 from specmesh.kernels.invariant import attention_per_query
@@ -185,6 +185,7 @@ class Transformer(nn.Module):
         self.model = LlamaBody(cfg, qkv_bias, o_bias)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: RopeTable | None = None  # made by fuse()
+        self.fused_layers: cpu_layer.FusedLayers | None = None  # made by fuse() where it fits
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -208,6 +209,7 @@ class Transformer(nn.Module):
         norm = self.model.norm.weight  # the serving dtype and device, whatever lm_head holds
         self.rope = RopeTable(self.config.max_position_embeddings, self.config.head_dim,
                               self.config.rope_theta, norm.dtype, norm.device)
+        self.fused_layers = cpu_layer.FusedLayers.build(self)
 
     def set_batch_invariant(self, on: bool = True) -> None:
         """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention); see
@@ -217,6 +219,8 @@ class Transformer(nn.Module):
                 module.row_wise = on
             elif isinstance(module, Attention):
                 module.batch_invariant = on
+        if on:
+            self.fused_layers = None  # the invariant path's own GEMVs and attention run
 
     @torch.inference_mode()
     def forward(
@@ -234,8 +238,12 @@ class Transformer(nn.Module):
         else:
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                     x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward(x, cos, sin, k_pool[i], v_pool[i], meta)
+        fused = self.fused_layers
+        if fused is not None and fused.fits(x, k_pool):
+            x = fused.run(x, cos, sin, meta, k_pool, v_pool)  # one C call per layer
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer.forward(x, cos, sin, k_pool[i], v_pool[i], meta)
         if logits_indices is not None:
             x = x[logits_indices]  # [M, hidden]
         return project(self.lm_head, self.model.norm.forward(x)).float()  # [M, vocab]
