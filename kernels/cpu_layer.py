@@ -11,7 +11,8 @@ kernels, in the same order, with the glue in C:
     x = fused.run(x, cos, sin, meta, k_pool, v_pool)   # instead of the layer loop
 
 Checked at build against the layer-by-op path on the model's own first layer (a tree and a
-plain sequence, scattered blocks); any disagreement and the model keeps the op path.
+plain sequence, scattered blocks); any disagreement and the model keeps the op path, as it
+does with `SPECMESH_CPU_LAYER=0` (for A/B runs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 import torch
 
@@ -94,6 +96,8 @@ class FusedLayers:
     @classmethod
     def build(cls, model) -> "FusedLayers | None":
         cfg = model.config
+        if os.environ.get("SPECMESH_CPU_LAYER", "1") == "0":  # A/B: the layer-by-op path
+            return None
         if (_library() is None or cfg.head_dim % 16 or cfg.head_dim > cpu_attention.MAX_HEAD_DIM
                 or cfg.hidden_size % 16 or cfg.num_heads % cfg.num_kv_heads
                 or not cpu_norm.available() or model.rope is None):
