@@ -59,9 +59,10 @@ def generate(draft: DraftEngine, verify: VerifyEngine, prompt: list[int], spec: 
             proposal = draft.propose_batch([ProposeItem(
                 seq_id=seq_id, num_cached_tokens=d_cached, new_tokens=tokens[d_cached:],
                 spec=spec)])[0]
-        if idle_s:
-            time.sleep(idle_s)
         t1 = time.perf_counter()
+        if idle_s and spec is not None:  # target-only: the verify service never waits on a draft
+            time.sleep(idle_s)
+        t1_verify = time.perf_counter()
         result = verify.verify_batch([VerifyItem(
             seq_id=seq_id, num_cached_tokens=v_cached, new_tokens=tokens[v_cached:],
             tree_tokens=proposal.tokens if proposal else [],
@@ -77,7 +78,7 @@ def generate(draft: DraftEngine, verify: VerifyEngine, prompt: list[int], spec: 
         tally.tokens += len(result.tokens)
         tally.rounds += 1
         tally.propose_s += t1 - t0
-        tally.verify_s += t2 - t1
+        tally.verify_s += t2 - t1_verify
     draft.release([seq_id])
     verify.release([seq_id])
     return tokens[len(prompt):len(prompt) + max_new]
