@@ -15,6 +15,7 @@ from specmesh.kernels import cpu_layer, cpu_norm
 from specmesh.kernels.attention_metadata import AttentionMetadata
 from specmesh.kernels.config import ModelConfig
 from specmesh.kernels.invariant import attention_per_query
+from specmesh.kernels import weight_arena
 from specmesh.kernels.linear import attach_f16, pack_linear, project
 from specmesh.kernels.tree_attention import tree_attention
 
@@ -206,10 +207,23 @@ class Transformer(nn.Module):
                 attach_f16(m) or pack_linear(m)
         attach_f16(self.lm_head, free_fp32=not self.config.tie_word_embeddings) \
             or pack_linear(self.lm_head)
+        self._arena_f16()
         norm = self.model.norm.weight  # the serving dtype and device, whatever lm_head holds
         self.rope = RopeTable(self.config.max_position_embeddings, self.config.head_dim,
                               self.config.rope_theta, norm.dtype, norm.device)
         self.fused_layers = cpu_layer.FusedLayers.build(self)
+
+    def _arena_f16(self) -> None:
+        """Lay the fp16-resident weights out back to back, in forward order, in one huge-page
+        arena (`kernels.weight_arena`)."""
+        if not weight_arena.enabled():
+            return
+        mods = [m for layer in self.model.layers
+                for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                          layer.mlp.gate_up_proj, layer.mlp.down_proj)] + [self.lm_head]
+        mods = [m for m in mods if getattr(m, "weight_f16", None) is not None]
+        for m, w in zip(mods, weight_arena.pack([m.weight_f16 for m in mods])):
+            m.weight_f16 = w
 
     def set_batch_invariant(self, on: bool = True) -> None:
         """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention); see

@@ -1,0 +1,63 @@
+"""One huge-page arena for the fp16-resident weights.
+
+Decoding on CPU streams every projection weight once per step, so the time per step is bound by
+how fast memory reaches the cores. Scattered 4 KiB pages make that stream pay a TLB miss every
+4 KiB, which costs most under virtualisation (a two-level page walk); hardware prefetchers also
+stop at page edges. `pack(tensors)` copies the tensors, in the order given (the order the
+forward reads them), into one 2 MiB-aligned buffer advised as transparent huge pages
+(`madvise(MADV_HUGEPAGE)`, honoured when THP is `madvise` or `always`) and returns views into
+it. `SPECMESH_WEIGHT_ARENA=0` keeps the separate tensors (A/B).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import torch
+
+HUGE = 2 << 20  # bytes in one transparent huge page on x86-64 / arm64 (4K base pages)
+MADV_HUGEPAGE = 14
+ALIGN = 64  # bytes: each tensor starts on a cache line
+
+
+def enabled() -> bool:
+    return os.environ.get("SPECMESH_WEIGHT_ARENA", "1") != "0" and sys.platform == "linux"
+
+
+def _advise_huge(addr: int, nbytes: int) -> bool:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), MADV_HUGEPAGE) == 0
+
+
+def _offsets(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in the arena (cache-line aligned) and the total size."""
+    offsets, at = [], 0
+    for t in tensors:
+        offsets.append(at)
+        at += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return offsets, at
+
+
+def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` (same dtype, all on CPU) laid out back to back in one
+    huge-page-advised buffer; the inputs are not modified."""
+    if not tensors:
+        return []
+    dtype = tensors[0].dtype
+    assert all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+    offsets, total = _offsets(tensors)
+    raw = torch.empty(total + HUGE, dtype=torch.uint8)  # untouched pages: advise before writing
+    start = -raw.data_ptr() % HUGE
+    _advise_huge(raw.data_ptr() + start, total - total % HUGE + HUGE)
+    arena = raw[start:start + total]
+    out = []
+    for t, off in zip(tensors, offsets):
+        nbytes = t.numel() * t.element_size()
+        view = arena[off:off + nbytes].view(dtype).view(t.shape)
+        view.copy_(t)
+        out.append(view)
+    return out

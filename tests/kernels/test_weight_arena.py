@@ -1,0 +1,64 @@
+"""The fp16 weight arena (`kernels.weight_arena`): exact copies laid out back to back in forward
+order, cache-line aligned, in one huge-page-aligned buffer, and a model served from it gives the
+same logits as one served from separate tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmesh.kernels import weight_arena
+from specmesh.kernels.attention_metadata import build_metadata
+from specmesh.kernels.config import ModelConfig
+from specmesh.kernels.model import Transformer
+from tests.kernels.test_cpu_layer import _batch, _pools
+
+
+def test_pack_copies_exactly_in_order_and_aligned():
+    tensors = [torch.randn(3, 5).half(), torch.randn(7).half(), torch.randn(2, 33).half()]
+    packed = weight_arena.pack(tensors)
+    assert [p.shape for p in packed] == [t.shape for t in tensors]
+    for t, p in zip(tensors, packed):
+        assert torch.equal(t, p) and p.is_contiguous() and p.data_ptr() != t.data_ptr()
+        assert p.data_ptr() % weight_arena.ALIGN == 0
+    ptrs = [p.data_ptr() for p in packed]
+    assert ptrs == sorted(ptrs)  # forward order is memory order
+    assert ptrs[1] - ptrs[0] == 64 and ptrs[2] - ptrs[1] == 64  # 30 and 14 bytes, each one line
+    assert ptrs[0] % weight_arena.HUGE == 0  # the arena starts on a huge page
+    assert weight_arena.pack([]) == []
+
+
+def test_offsets_round_up_to_cache_lines():
+    offsets, total = weight_arena._offsets([torch.empty(32, dtype=torch.float16),
+                                            torch.empty(33, dtype=torch.float16)])
+    assert offsets == [0, 64] and total == 192
+
+
+def _model(arena: str, monkeypatch) -> Transformer:
+    monkeypatch.setenv("SPECMESH_WEIGHT_ARENA", arena)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((torch.randn_like(p) * 0.2).half().float())
+    model.fuse()
+    return model.eval()
+
+
+def test_model_weights_live_in_one_arena_and_logits_match(monkeypatch):
+    on, off = _model("1", monkeypatch), _model("0", monkeypatch)
+    weights = [m.weight_f16 for m in on.modules() if getattr(m, "weight_f16", None) is not None]
+    if not weights:
+        pytest.skip("no fp16-resident weights here (CPU kernels unavailable)")
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    assert len(storages) == 1
+    steps, tokens, positions = _batch()
+    k1, v1 = _pools(on)
+    k2, v2 = k1.clone(), v1.clone()
+    got = on(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
+    want = off(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
+    assert torch.equal(got, want) and torch.equal(k1, k2)
