@@ -14,7 +14,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
 
 MAX_NEW_TOKENS_LIMIT = 4096  # one limit for the CLI, the client and the gateway
-DEFAULT_TREE = TreeSpec("chain", chain_length=4)  # the default everywhere (CLI, gateway, client)
+DEFAULT_TREE = TreeSpec("chain", chain_length=5)  # the default everywhere (CLI, gateway, client)
 NGRAM_TREE = TreeSpec("ngram", node_budget=8)  # the default with model-free (n-gram) drafting
 
 

@@ -25,6 +25,7 @@ import time
 from specmesh.clients.cli import chat_prompts
 from specmesh.clients.models import resolve_pair
 from specmesh.clients.tokenizer import TextCodec
+from specmesh.clients.types import DEFAULT_TREE
 from specmesh.loadtest.bench_report import format_report, to_json, write_plot
 from specmesh.loadtest.bench_results import TARGET, ModeRun, check_outputs, compute_ratios
 from specmesh.loadtest.bench_stack import SpecConfig, run_stack
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternate the modes of each level this many times and pool them "
                         "(steadier numbers on a shared machine; default 1)")
     p.add_argument("--tree", type=parse_specs, default=None,
-                   help="speculative tree config (default chain:4)")
+                   help=f"speculative tree config (default {DEFAULT_TREE})")
     p.add_argument("--trees", type=parse_specs, default=None,
                    help="several configs: chain:4,static:4,2,2,1,dynamic:16 (+adaptive suffix)")
     p.add_argument("--target", default=None, help="target model folder or name")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _specs(args: argparse.Namespace) -> list[SpecConfig]:
     chosen = (args.tree or []) + (args.trees or [])
     unique = list({s.name: s for s in chosen}.values())
-    return unique or [SpecConfig(TreeSpec("chain", chain_length=4))]
+    return unique or [SpecConfig(DEFAULT_TREE)]
 
 
 def _decoding(args: argparse.Namespace) -> str:

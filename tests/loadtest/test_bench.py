@@ -94,18 +94,18 @@ def test_bench_tiny_pair_end_to_end(models, tmp_path):
          "--num-prompts", "2", "--repeats", "2", "--json", "--plot", str(plot)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout)
+    out = json.loads(proc.stdout)  # the default tree: chain:5
     modes = {(r["mode"], r["concurrency"]) for r in out["rows"]}
     assert modes == {("specmesh target-only", 1), ("specmesh target-only", 2),
-                     ("specmesh spec chain:4", 1), ("specmesh spec chain:4", 2),
+                     ("specmesh spec chain:5", 1), ("specmesh spec chain:5", 2),
                      ("hf target-only", 1), ("hf assisted", 1)}
     for row in out["rows"]:
         assert row["num_requests"] == 2 * 2  # max(c, num_prompts) x repeats
         assert row["num_tokens"] == 16 * row["num_requests"] and row["tokens_per_s"] > 0
         assert row["latency_p95_s"] >= row["latency_p50_s"] >= row["ttft_p50_s"] > 0
-    assert set(out["ratios"]) >= {"spec/target c=1 [chain:4]", "target-only c=2/c=1",
-                                  "spec c=2/c=1 [chain:4]", "spec/target c=2 [chain:4]",
-                                  "ours spec [chain:4] / hf assisted c=1",
+    assert set(out["ratios"]) >= {"spec/target c=1 [chain:5]", "target-only c=2/c=1",
+                                  "spec c=2/c=1 [chain:5]", "spec/target c=2 [chain:5]",
+                                  "ours spec [chain:5] / hf assisted c=1",
                                   "ours target-only / hf target-only c=1"}
     assert out["mismatches"]["total"] == 0, out["mismatches"]["details"]
     assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
