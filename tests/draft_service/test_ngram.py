@@ -101,5 +101,7 @@ def test_tree_spec_text_and_proto_round_trip():
     spec = TreeSpec.parse("ngram:8")
     assert spec.model_free and spec.max_nodes == 8 and str(spec) == "ngram:8"
     assert TreeSpec.from_proto(spec.to_proto()) == spec
+    for text in ("dynamic:7/5", "dynamic:16", "chain:5", "static:4,2,2,1", "ngram:8/3", "none"):
+        assert str(TreeSpec.parse(text)) == text  # a depth bound is kept (bench rows by name)
     with pytest.raises(InvalidRequest, match="node_budget"):
         TreeSpec("ngram", node_budget=0).validate()

@@ -77,7 +77,8 @@ class TreeSpec:
         if self.kind == "static":
             return "static:" + ",".join(map(str, self.branching))
         if self.kind in ("dynamic", "ngram"):
-            return f"{self.kind}:{self.node_budget}"
+            depth = f"/{self.max_depth}" if self.max_depth else ""  # parse() round-trips it
+            return f"{self.kind}:{self.node_budget}{depth}"
         return "none"
 
     def validate(self, field: str = "tree_spec") -> "TreeSpec":
