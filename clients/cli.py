@@ -45,8 +45,17 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    "embedded redis-server on a free port, stopped after)")
     p.add_argument("--no-cache", action="store_true", help="run without the cache service")
     p.add_argument("--cache-addr", default=None, help="host:port of a running cache service")
+    p.add_argument("--ngram-fleet", action="store_true", help="n-gram drafting also reads and "
+                   "feeds the fleet n-gram table in the cache's Redis (keyed by the target model)")
     p.add_argument("--secure", action="store_true", help="a local stack with TLS, bearer tokens "
                    "and a cache MAC key (a throwaway CA and secrets, deleted with the stack)")
+
+
+def _ngram_fleet(args: argparse.Namespace) -> bool:
+    if args.ngram_fleet and args.no_cache:
+        raise SystemExit("specmesh: --ngram-fleet keeps its table in the cache service's Redis; "
+                         "drop --no-cache")
+    return args.ngram_fleet
 
 
 def _draft_method(draft) -> str:
@@ -88,7 +97,7 @@ async def _generate(args: argparse.Namespace) -> int:
         stack = LocalStack(target, None if not params.speculate else draft,
                            draft_method=_draft_method(draft) if params.speculate else "model",
                            cache=not args.no_cache, redis_url=args.redis_url, quiet=args.json,
-                           secure=args.secure)
+                           secure=args.secure, ngram_fleet=_ngram_fleet(args))
         await stack.__aenter__()
         verify_addr, draft_addr, cache_addr = stack.verify_addr, stack.draft_addr, stack.cache_addr
     # a stack of our own: this process is one of its fleet (it may write the result cache)
@@ -129,7 +138,7 @@ async def _up(args: argparse.Namespace) -> int:
     async with LocalStack(target, draft, draft_method=_draft_method(draft),
                           cache=not args.no_cache, redis_url=args.redis_url,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                          secure=args.secure) as stack:
+                          secure=args.secure, ngram_fleet=_ngram_fleet(args)) as stack:
         gw_args = ["specmesh.clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
                    stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
                    "--tree", tree, "--http-port", str(args.http_port),

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from specmesh.clients.local_pki import LocalSecrets
+from specmesh.clients.model_key import model_key
 from specmesh.wire.progress import progress
 from specmesh.wire.security import Security
 from specmesh.wire.server import wait_for_serving
@@ -178,6 +179,9 @@ class LocalStack:
     redis_url: str | None = None
     """Redis for the cache service; None = an embedded redis-server from PATH."""
     extra_cache_args: list[str] = field(default_factory=list)
+    ngram_fleet: bool = False
+    """The draft service also reads and feeds the fleet n-gram table in the cache service's
+    Redis, keyed by `model_key(target_dir)` (needs the cache; ignored without one)."""
     metrics_port: int | None = None
     """Serve every service's metrics: 0 = a free port each; N = gateway N (see `metrics_args`),
     verify N+1, draft N+2, cache N+3. None = no metrics."""
@@ -243,6 +247,8 @@ class LocalStack:
             if self.draft_method == "ngram" or self.draft_dir is not None:
                 what = (["--method", "ngram"] if self.draft_method == "ngram"
                         else ["--model", str(self.draft_dir)])
+                if self.ngram_fleet and cache_args:
+                    what += ["--ngram-fleet-key", model_key(self.target_dir)]
                 self.services["draft"] = ServiceProcess("draft", [
                     "specmesh.draft_service", *what, "--port", "0",
                     *cache_args, *self.metrics_args("draft"), *self.security_args(),

@@ -111,3 +111,11 @@ def test_draft_ngram_needs_no_draft_model(models):
         outs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert outs[0]["token_ids"] == outs[1]["token_ids"]
     assert outs[0]["tree"] == "ngram:8" and outs[0]["num_accepted_tokens"] > 0
+
+
+def test_ngram_fleet_needs_the_cache(models):
+    env = dict(os.environ, SPECMESH_MODEL_DIR=str(models))
+    out = subprocess.run(["specmesh", "generate", "Hi", "--draft", "ngram", "--ngram-fleet",
+                          "--no-cache", "--target", str(models / TINY_TARGET)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "drop --no-cache" in out.stderr

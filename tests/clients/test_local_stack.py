@@ -131,3 +131,45 @@ def _running(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.models
+@pytest.mark.redis
+async def test_ngram_fleet_stack_feeds_the_table_keyed_by_the_target(models):
+    """`ngram_fleet=True` (CLI `--ngram-fleet`): the model-free draft service gets
+    `--ngram-fleet-key model_key(target)`, its released sequences reach the cache's n-gram
+    table, and greedy output stays the target's."""
+    from specmesh.clients.model_key import model_key
+
+    if EmbeddedRedis.from_path() is None:
+        pytest.skip("redis-server not on PATH")
+    target = models / TINY_TARGET
+    async with LocalStack(target, None, draft_method="ngram", cache=True,
+                          ngram_fleet=True) as stack:
+        argv = stack.services["draft"].argv
+        assert argv[argv.index("--ngram-fleet-key") + 1] == model_key(target)
+        async with AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr,
+                                       str(target)) as client, \
+                CacheClient(stack.cache_addr, timeout_s=5) as cache:
+            plain = await client.generate(PROMPT, 24, speculate=False)
+            spec = await client.generate(PROMPT, 24, tree="ngram:8")
+            await client.generate("Hi", 1, tree="ngram:8")  # carries the release
+            for _ in range(200):  # published in the background
+                stats = await cache.server_stats()
+                if stats is not None and stats.ngrams_written > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.ngrams_written > 0
+            assert spec.token_ids == plain.token_ids
+
+
+def test_model_key_names_the_checkpoint(models, tmp_path):
+    from specmesh.clients.model_key import model_key
+
+    assert model_key(models / TINY_TARGET) == model_key(models / TINY_TARGET)
+    assert model_key(models / TINY_TARGET) != model_key(models / TINY_DRAFT)
+    one = tmp_path / "m.gguf"
+    one.write_bytes(b"GGUF" + bytes(10))
+    key = model_key(one)
+    one.write_bytes(b"GGUF" + bytes(9) + b"\x01")
+    assert key.startswith("model-") and model_key(one) != key
