@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from specmesh.kernels import weight_arena
 from specmesh.kernels.cpu_linear import linear_f16
 from specmesh.kernels.kv_cache import PagedKVCache
 from specmesh.kernels.loader import LoadedModel, load_model
@@ -75,12 +76,13 @@ def _step(runner: ModelRunner, rows: int):
 def _sweep(loaded: LoadedModel):
     weights = _weights(loaded)
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    stream = weight_arena.streamed(sum(w.nbytes for w in weights))  # as the forward reads them
 
     def run() -> None:
         with torch.inference_mode():
             for w in weights:
                 if w.dtype == torch.float16:
-                    linear_f16(xs[w.shape[1]], w)
+                    linear_f16(xs[w.shape[1]], w, stream=stream)
                 else:
                     F.linear(xs[w.shape[1]].to(w.dtype), w)
     return run

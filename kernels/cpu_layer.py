@@ -34,7 +34,7 @@ _P = ctypes.c_void_p
 
 class _Weights(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("qkv_w", "o_w", "gate_up_w", "down_w", "qkv_b", "o_b",
-                                        "ln1", "ln2")]
+                                        "ln1", "ln2")] + [("stream", ctypes.c_int)]
 
 
 _INTS = ("T", "hidden", "ffn", "H", "Hkv", "D", "threads", "attn_threads", "block_size",
@@ -78,7 +78,8 @@ def _layer_weights(layer) -> tuple[_Weights, tuple] | None:
                    for p in (attn.qkv_proj, attn.o_proj))
     keep = tuple(p.weight_f16 for p in projections) + norms + biases
     w = _Weights(*(_ptr(p.weight_f16) for p in projections), *(_ptr(b) for b in biases),
-                 *(_ptr(n) for n in norms))
+                 *(_ptr(n) for n in norms),
+                 int(any(getattr(p, "stream_weights", False) for p in projections)))
     return w, keep
 
 

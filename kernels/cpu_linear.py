@@ -34,7 +34,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     fn = lib.specmesh_linear_f16
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     fn.restype = None
     return lib if _self_check(fn) else None
 
@@ -52,13 +52,13 @@ def _self_check(fn) -> bool:
     return ok
 
 
-def _call(fn, x: torch.Tensor, w16: torch.Tensor) -> torch.Tensor:
+def _call(fn, x: torch.Tensor, w16: torch.Tensor, stream: bool = False) -> torch.Tensor:
     x = x.contiguous()
     rows, k = x.shape
     y = torch.empty(rows, w16.shape[0], dtype=torch.float32)  # [M, N]
     if rows:
         fn(w16.data_ptr(), x.data_ptr(), y.data_ptr(), rows, w16.shape[0], k,
-           torch.get_num_threads())
+           torch.get_num_threads(), int(stream))
     return y
 
 
@@ -78,10 +78,11 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 def linear_f16(x: torch.Tensor, weight_f16: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] fp32 @ weight_f16 [N, K]^T (+ bias [N]) -> [M, N] fp32."""
+               bias: torch.Tensor | None = None, stream: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 @ weight_f16 [N, K]^T (+ bias [N]) -> [M, N] fp32. `stream`: prefetch the
+    weight non-temporally (`kernels.weight_arena.streamed`); same result either way."""
     lib = _library()
     if lib is None:
         raise RuntimeError("fp16 CPU kernel unavailable (see kernels.cpu_linear.available)")
-    y = _call(lib.specmesh_linear_f16, x, weight_f16)
+    y = _call(lib.specmesh_linear_f16, x, weight_f16, stream)
     return y if bias is None else y.add_(bias)

@@ -89,7 +89,8 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out], equal to `layer(x)` up to summation order."""
     weight_f16 = getattr(layer, "weight_f16", None)
     if weight_f16 is not None and x.dim() == 2 and x.dtype == torch.float32:
-        return cpu_linear.linear_f16(x, weight_f16, layer.bias)  # batch-invariant already
+        return cpu_linear.linear_f16(x, weight_f16, layer.bias,  # batch-invariant already
+                                     getattr(layer, "stream_weights", False))
     if getattr(layer, "row_wise", False):  # batch-invariant mode: one GEMV per row
         return project_rows(layer, x)
     packed = getattr(layer, "packed_weight", None)

@@ -215,13 +215,17 @@ class Transformer(nn.Module):
 
     def _arena_f16(self) -> None:
         """Lay the fp16-resident weights out back to back, in forward order, in one huge-page
-        arena (`kernels.weight_arena`)."""
-        if not weight_arena.enabled():
-            return
+        arena, and mark them streamed where the model is far bigger than the last-level cache
+        (`kernels.weight_arena`)."""
         mods = [m for layer in self.model.layers
                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                           layer.mlp.gate_up_proj, layer.mlp.down_proj)] + [self.lm_head]
         mods = [m for m in mods if getattr(m, "weight_f16", None) is not None]
+        stream = weight_arena.streamed(sum(m.weight_f16.nbytes for m in mods))
+        for m in mods:
+            m.stream_weights = stream
+        if not weight_arena.enabled():
+            return
         for m, w in zip(mods, weight_arena.pack([m.weight_f16 for m in mods])):
             m.weight_f16 = w
 

@@ -24,6 +24,7 @@ typedef struct {
   const uint16_t *qkv_w, *o_w, *gate_up_w, *down_w; /* fp16 [N, K] */
   const float *qkv_b, *o_b;                         /* [N] or NULL */
   const float *ln1, *ln2;                           /* [hidden] */
+  int stream;                                       /* prefetch the weights non-temporally */
 } LayerWeights;
 
 typedef struct {
@@ -82,7 +83,7 @@ int specmesh_layer_f16(float *x, const LayerWeights *w, const Forward *f, float 
   int T = f->T, hidden = f->hidden, D = f->D, qdim = f->H * D;
   int width = qdim + 2 * f->Hkv * D;
   specmesh_rms_norm(x, w->ln1, f->xn, T, hidden, f->eps);
-  specmesh_linear_f16(w->qkv_w, f->xn, f->qkv, T, width, hidden, f->threads);
+  specmesh_linear_f16(w->qkv_w, f->xn, f->qkv, T, width, hidden, f->threads, w->stream);
   add_bias(f->qkv, w->qkv_b, T, width);
   rope_store(f, k_cache, v_cache);
   if (specmesh_tree_attention(f->q, k_cache, v_cache, f->block_tables, f->max_blocks,
@@ -90,13 +91,14 @@ int specmesh_layer_f16(float *x, const LayerWeights *w, const Forward *f, float 
                               f->attn, T, f->H, f->Hkv, D, f->block_size, f->max_visible,
                               f->scale, f->attn_threads))
     return -1;
-  specmesh_linear_f16(w->o_w, f->attn, f->h, T, hidden, qdim, f->threads);
+  specmesh_linear_f16(w->o_w, f->attn, f->h, T, hidden, qdim, f->threads, w->stream);
   add_bias(f->h, w->o_b, T, hidden);
   residual(x, f->h, (int64_t)T * hidden);
   specmesh_rms_norm(x, w->ln2, f->xn, T, hidden, f->eps);
-  specmesh_linear_f16(w->gate_up_w, f->xn, f->gu, T, 2 * f->ffn, hidden, f->threads);
+  specmesh_linear_f16(w->gate_up_w, f->xn, f->gu, T, 2 * f->ffn, hidden, f->threads,
+                      w->stream);
   silu_mul(f->gu, f->act, T, f->ffn);
-  specmesh_linear_f16(w->down_w, f->act, f->h, T, hidden, f->ffn, f->threads);
+  specmesh_linear_f16(w->down_w, f->act, f->h, T, hidden, f->ffn, f->threads, w->stream);
   residual(x, f->h, (int64_t)T * hidden);
   return 0;
 }

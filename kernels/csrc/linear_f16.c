@@ -22,7 +22,7 @@
 
 static inline __attribute__((always_inline)) void tile(const uint16_t *w, const float *x,
                                                        float *y, int N, int K, int n, int nb,
-                                                       int m0, int mb) {
+                                                       int m0, int mb, int nta) {
   __m512 acc[NB][MB];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
@@ -32,7 +32,10 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
   const uint16_t *next = w + (int64_t)(n + nb) * K;
   for (int k = 0; k < K; k += 16) {
     __m512 wv[NB];
-    if (ahead)
+    if (ahead && nta)
+      for (int j = 0; j < nb; j++)
+        _mm_prefetch((const char *)(next + (int64_t)j * K + k), _MM_HINT_NTA);
+    else if (ahead)
       for (int j = 0; j < nb; j++)
         _mm_prefetch((const char *)(next + (int64_t)j * K + k), _MM_HINT_T0);
     for (int j = 0; j < nb; j++)
@@ -51,16 +54,16 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
 /* mb is a compile-time constant in each call, so the accumulators stay in registers */
 #define TILE(nb)                                              \
   switch (mb) {                                               \
-    case 1: tile(w, x, y, N, K, n, nb, m0, 1); break;         \
-    case 2: tile(w, x, y, N, K, n, nb, m0, 2); break;         \
-    case 3: tile(w, x, y, N, K, n, nb, m0, 3); break;         \
-    case 4: tile(w, x, y, N, K, n, nb, m0, 4); break;         \
-    case 5: tile(w, x, y, N, K, n, nb, m0, 5); break;         \
-    default: tile(w, x, y, N, K, n, nb, m0, MB); break;       \
+    case 1: tile(w, x, y, N, K, n, nb, m0, 1, nta); break;    \
+    case 2: tile(w, x, y, N, K, n, nb, m0, 2, nta); break;    \
+    case 3: tile(w, x, y, N, K, n, nb, m0, 3, nta); break;    \
+    case 4: tile(w, x, y, N, K, n, nb, m0, 4, nta); break;    \
+    case 5: tile(w, x, y, N, K, n, nb, m0, 5, nta); break;    \
+    default: tile(w, x, y, N, K, n, nb, m0, MB, nta); break;  \
   }
 
 static void columns(const uint16_t *w, const float *x, float *y, int M, int N, int K, int n0,
-                    int n1) {
+                    int n1, int nta) {
   /* weight tiles outer (each read from memory once), input rows inner (they stay in cache) */
   int n = n0;
   for (; n + NB <= n1; n += NB)
@@ -75,14 +78,18 @@ static void columns(const uint16_t *w, const float *x, float *y, int M, int N, i
     }
 }
 
-/* Output columns are split evenly (in multiples of NB) across `threads` OpenMP threads. */
+/* Output columns are split evenly (in multiples of NB) across `threads` OpenMP threads.
+ * `stream`: the weight is read once per forward and is part of a model far bigger than the
+ * last-level cache, so its tiles are prefetched non-temporally (PREFETCHNTA): streaming it
+ * does not evict what other work keeps in L2/L3 (on a shared 2-core box: the draft model's
+ * weights, the services' and client's own state), at no cost to this product. */
 void specmesh_linear_f16(const uint16_t *w, const float *x, float *y, int M, int N, int K,
-                         int threads) {
+                         int threads, int stream) {
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int per = ((N + nt - 1) / nt + NB - 1) / NB * NB;
     int n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) columns(w, x, y, M, N, K, n0, n1);
+    if (n0 < n1) columns(w, x, y, M, N, K, n0, n1, stream);
   }
 }

@@ -62,3 +62,37 @@ def test_model_weights_live_in_one_arena_and_logits_match(monkeypatch):
     got = on(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
     want = off(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
     assert torch.equal(got, want) and torch.equal(k1, k2)
+
+
+def test_streamed_policy(monkeypatch):
+    monkeypatch.setenv("SPECMESH_STREAM_MB", "100")
+    assert weight_arena.streamed(101 << 20) and not weight_arena.streamed(100 << 20)
+    monkeypatch.delenv("SPECMESH_STREAM_MB")
+    llc = weight_arena.llc_bytes()
+    threshold = 2 * llc if llc else int(weight_arena.STREAM_FALLBACK_MB) << 20
+    assert weight_arena.streamed(threshold + 1) and not weight_arena.streamed(threshold)
+
+
+def test_streaming_changes_no_result(monkeypatch):
+    """Non-temporal prefetch is a cache hint: bitwise the same products and logits."""
+    from specmesh.kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 96, generator=gen).half()  # [N, K]: 50 tiles of 4 rows
+    x = torch.randn(9, 96, generator=gen)  # [M, K]: two row blocks
+    assert torch.equal(cpu_linear.linear_f16(x, w, stream=True), cpu_linear.linear_f16(x, w))
+    monkeypatch.setenv("SPECMESH_STREAM_MB", "0")
+    on = _model("1", monkeypatch)
+    monkeypatch.setenv("SPECMESH_STREAM_MB", "1000000")
+    off = _model("1", monkeypatch)
+    assert on.lm_head.stream_weights and not off.lm_head.stream_weights
+    if on.fused_layers is not None:
+        assert on.fused_layers._weights[0].stream == 1 and off.fused_layers._weights[0].stream == 0
+    steps, tokens, positions = _batch()
+    k1, v1 = _pools(on)
+    k2, v2 = k1.clone(), v1.clone()
+    got = on(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
+    want = off(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
+    assert torch.equal(got, want) and torch.equal(k1, k2)
