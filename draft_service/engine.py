@@ -13,10 +13,12 @@ import numpy as np
 
 from specmesh.draft_service.tree_builder import TreeGrower
 from specmesh.errors import CapacityExhausted, InvalidRequest
+from specmesh.kernels.cpu_chain import ChainRunner
 from specmesh.kernels.runner import ForwardItem
 from specmesh.kernels.sampling import SamplingConfig
 from specmesh.kernels.seeding import round_generator
 from specmesh.kernels.tree import compile_tree
+from specmesh.model_service.config import EngineConfig
 from specmesh.model_service.engine import SequenceEngine, SequenceItem
 from specmesh.model_service.prefix_kv import seed_prefix
 from specmesh.wire.tree_spec import TreeSpec
@@ -47,6 +49,11 @@ class ProposeResult:
 
 
 class DraftEngine(SequenceEngine):
+    def __init__(self, loaded, config: EngineConfig = EngineConfig()):
+        super().__init__(loaded, config)
+        # greedy chains: every depth in one C call where the CPU kernels run this model
+        self.chain = ChainRunner.build(loaded.model) if loaded.device.type == "cpu" else None
+
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         """One forward for the new tokens of every item, then one per tree depth; each failure
         is confined to its item (a failed forward fails only the items in it, uncommitted)."""
@@ -87,9 +94,25 @@ class DraftEngine(SequenceEngine):
             growing = [(fwd, g) for _, fwd, g in ready if g.needs_forward]
             if not growing:
                 return
+            steps = self._chain_steps([g for _, g in growing])
+            if steps and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps):
+                nodes = self.chain.run(self.kv, [fwd.seq_id for fwd, _ in growing],
+                                       [g.tokens[g.frontier[-1]] for _, g in growing], steps)
+                for (_, g), tokens in zip(growing, nodes):
+                    g.extend_chain(tokens)
+                continue
             outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
+
+    def _chain_steps(self, growers: list[TreeGrower]) -> int:
+        """Depths left if every grower is a greedy chain with as many left (the C loop runs
+        them all), else 0."""
+        if self.chain is None or not all(g.spec.kind == "chain" and g.sampling.greedy
+                                         for g in growers):
+            return 0
+        left = {g.chain_left for g in growers}
+        return left.pop() if len(left) == 1 else 0
 
     def _prepare_grower(self, item: ProposeItem, keep: set[str]
                         ) -> tuple[ForwardItem, TreeGrower]:

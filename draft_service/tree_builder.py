@@ -64,6 +64,22 @@ class TreeGrower:
         self.frontier = self._expand([-1], logits[None])
         self.depth = 0
 
+    @property
+    def chain_left(self) -> int:
+        """Forwards a chain still needs (one node each)."""
+        return min(self.spec.depth - 1 - self.depth, self._room()) if self.frontier else 0
+
+    def extend_chain(self, tokens: list[int]) -> None:
+        """Append a greedy chain's next nodes, chosen outside (`kernels.cpu_chain`): each the
+        argmax after the previous one, as `grow` would choose them."""
+        for tok in tokens:
+            parent = self.frontier[-1]
+            self.tokens.append(int(tok))
+            self.parents.append(parent)
+            self.logcum.append(self.logcum[parent])  # unused by chains (dynamic trees only)
+            self.frontier = [len(self.tokens) - 1]
+            self.depth += 1
+
     def grow(self, logits: torch.Tensor) -> None:
         """logits [len(frontier), vocab]: choose the next depth's nodes."""
         self.frontier = self._expand(self.frontier, logits)
