@@ -96,20 +96,31 @@ class DraftEngine(SequenceEngine):
                 return
             steps = self._chain_steps([g for _, g in growing])
             if steps and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps):
-                nodes = self.chain.run(self.kv, [fwd.seq_id for fwd, _ in growing],
-                                       [g.tokens[g.frontier[-1]] for _, g in growing], steps)
-                for (_, g), tokens in zip(growing, nodes):
-                    g.extend_chain(tokens)
+                self._run_chain([g for _, g in growing], [fwd.seq_id for fwd, _ in growing],
+                                steps)
                 continue
             outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
 
+    def _run_chain(self, growers: list[TreeGrower], seq_ids: list[str], steps: int) -> None:
+        """The chains' remaining depths through `kernels.cpu_chain`: greedy ones wholly in C,
+        sampled ones drawing each depth's token from its logits (`TreeGrower.grow`)."""
+        first = [g.tokens[g.frontier[-1]] for g in growers]
+        if all(g.sampling.greedy for g in growers):
+            for g, tokens in zip(growers, self.chain.run(self.kv, seq_ids, first, steps)):
+                g.extend_chain(tokens)
+            return
+
+        def choose(logits):  # [B, vocab]
+            for row, g in enumerate(growers):
+                g.grow(logits[row:row + 1])
+            return [g.tokens[g.frontier[-1]] for g in growers]
+        self.chain.run(self.kv, seq_ids, first, steps, choose)
+
     def _chain_steps(self, growers: list[TreeGrower]) -> int:
-        """Depths left if every grower is a greedy chain with as many left (the C loop runs
-        them all), else 0."""
-        if self.chain is None or not all(g.spec.kind == "chain" and g.sampling.greedy
-                                         for g in growers):
+        """Depths left if every grower is a chain with as many left, else 0."""
+        if self.chain is None or not all(g.spec.kind == "chain" for g in growers):
             return 0
         left = {g.chain_left for g in growers}
         return left.pop() if len(left) == 1 else 0

@@ -5,7 +5,8 @@
 
 A greedy chain feeds each depth's argmax back as the next 1-row forward; the C loop does that
 with the fused decoder layers, the norm, the LM head and the argmax, so no Python runs between
-the depths. It computes what `ModelRunner.forward` + argmax computes (same kernels, same
+the depths. A sampled chain runs one C call per depth and draws its token in Python from the
+logits (`choose`), with the request's own generator. It computes what `ModelRunner.forward` + argmax computes (same kernels, same
 order): the draft engine uses it for greedy chains where it is available and falls back to the
 Python path otherwise. `SPECMESH_CPU_CHAIN=0` turns it off (A/B).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -69,10 +71,12 @@ class ChainRunner:
         last = max(kv.num_tokens(s) for s in seq_ids) + steps
         return self.model.fused_layers is self.fused and last <= self.model.rope.cos.shape[0]
 
-    def run(self, kv: PagedKVCache, seq_ids: list[str], first: list[int],
-            steps: int) -> list[list[int]]:
-        """Feed first[b] at the end of sequence b's KV, then `steps` greedy depths; returns
-        each sequence's `steps` next tokens. The KV of the fed tokens is written (each
+    def run(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
+            choose: Callable[[torch.Tensor], list[int]] | None = None) -> list[list[int]]:
+        """Feed first[b] at the end of sequence b's KV, then `steps` depths; returns each
+        sequence's `steps` next tokens. Greedy (`choose` None): the argmax of each depth's
+        logits, all depths in one C call. Else `choose(logits [B, vocab]) -> B tokens` picks
+        them (sampling), one C call per depth. The KV of the fed tokens is written (each
         sequence's num_tokens grows by `steps`), as `ModelRunner.forward` would."""
         m, f = self.model, self.fused
         b, vocab = len(seq_ids), m.config.vocab_size
@@ -83,27 +87,40 @@ class ChainRunner:
         start = [kv.num_tokens(s) for s in seq_ids]
         tokens = torch.tensor(first, dtype=torch.int64)  # [B]
         positions = torch.tensor(start, dtype=torch.int32)  # [B]
-        out = torch.empty(b, steps, dtype=torch.int64)  # [B, steps]
+        per_call = steps if choose is None else 1
+        out = torch.empty(b, per_call, dtype=torch.int64)  # [B, per_call]
         x = torch.empty(b, f.hidden)  # [B, hidden]
         logits = torch.empty(b, vocab)  # [B, vocab]
         fwd, keep = self._forward(b, block_tables, kv)
         head = m.lm_head
-        chain = _Chain(b, steps, vocab, len(f._weights), m.rope.cos.shape[0],
+        chain = _Chain(b, per_call, vocab, len(f._weights), m.rope.cos.shape[0],
                        int(getattr(head, "stream_weights", False)), kv.k[0].numel(),
                        m.model.embed_tokens.weight.data_ptr(), m.model.norm.weight.data_ptr(),
                        head.weight_f16.data_ptr(), m.rope.cos.data_ptr(), m.rope.sin.data_ptr(),
                        ctypes.addressof(self.layer_array), tokens.data_ptr(),
                        positions.data_ptr(), out.data_ptr(), x.data_ptr(), logits.data_ptr())
-        rc = self._fn(ctypes.byref(chain), ctypes.byref(fwd), kv.k.data_ptr(), kv.v.data_ptr())
+        chosen: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(steps // per_call):
+            self._call(chain, fwd, kv)
+            if choose is None:
+                chosen = out.tolist()
+                continue
+            picked = choose(logits)
+            tokens.copy_(torch.tensor(picked, dtype=torch.int64))
+            for row, tok in zip(chosen, picked):
+                row.append(int(tok))
         del keep
+        for s, n in zip(seq_ids, start):
+            kv.set_num_tokens(s, n + steps)
+            kv.touch(s)
+        return chosen
+
+    def _call(self, chain: _Chain, fwd, kv: PagedKVCache) -> None:
+        rc = self._fn(ctypes.byref(chain), ctypes.byref(fwd), kv.k.data_ptr(), kv.v.data_ptr())
         if rc == -2:
             raise ValueError("chain runs past the rope table (max_position_embeddings)")
         if rc != 0:
             raise MemoryError("tree-attention scratch allocation failed")
-        for s, n in zip(seq_ids, start):
-            kv.set_num_tokens(s, n + steps)
-            kv.touch(s)
-        return out.tolist()
 
     def _forward(self, b: int, block_tables: torch.Tensor, kv: PagedKVCache):
         """The layers' per-forward arguments for B causal rows; the C loop fills the metadata

@@ -1,7 +1,7 @@
-"""Greedy draft chains in one C call (`kernels/csrc/chain_f16.c`): the same next tokens and
-bitwise the same KV as the Python path (one `ModelRunner.forward` per depth + argmax), for a
-batch of sequences of different lengths; and the draft engine proposes the same chains with it
-on and off."""
+"""Draft chains through `kernels/csrc/chain_f16.c`: the same next tokens and bitwise the same
+KV as the Python path (one `ModelRunner.forward` per depth + argmax), for a batch of sequences
+of different lengths; and the draft engine proposes the same chains (and, sampling, the same
+draft distributions from the same seeded draws) with it on and off."""
 
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ def test_not_used_where_the_model_does_not_run_fused(monkeypatch):
 
 
 @needs_kernels
-def test_draft_engine_proposes_the_same_chains(models, monkeypatch):
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_draft_engine_proposes_the_same_chains(models, temperature):
     from specmesh.draft_service.engine import DraftEngine, ProposeItem
     from specmesh.kernels import load_for_service
+    from specmesh.kernels.sampling import SamplingConfig
     from specmesh.model_service.config import EngineConfig
     from specmesh.wire.tree_spec import TreeSpec
 
@@ -82,8 +84,11 @@ def test_draft_engine_proposes_the_same_chains(models, monkeypatch):
         for _ in range(3):  # accept two nodes each round, as a verifier might
             res = engine.propose_batch([ProposeItem(
                 seq_id="s", num_cached_tokens=cached, new_tokens=tokens[cached:],
-                spec=TreeSpec.parse("chain:5"))])[0]
-            out.append((res.tokens, res.parents, res.num_cached_tokens))
+                spec=TreeSpec.parse("chain:5"), seed=7,
+                sampling=SamplingConfig(temperature=temperature, top_p=0.95))])[0]
+            dists = [d if d is None else (d[0].tolist(), d[1].tolist()) for d in res.draft_dists]
+            out.append((res.tokens, res.parents, res.num_cached_tokens, dists))
             cached, tokens = res.num_cached_tokens, tokens + res.tokens[:2] + [7]
         runs.append(out)
     assert runs[0] == runs[1] and len(runs[0][0][0]) == 5
+    assert bool(runs[0][0][3]) == (temperature > 0)  # sampling: the draft distributions
