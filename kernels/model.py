@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specmesh.kernels import cpu_layer, cpu_norm
+from specmesh.kernels import cpu_layer, cpu_norm, weight_arena
 from specmesh.kernels.attention_metadata import AttentionMetadata
 from specmesh.kernels.config import ModelConfig
 from specmesh.kernels.invariant import attention_per_query
-from specmesh.kernels import weight_arena
 from specmesh.kernels.linear import attach_f16, pack_linear, project
 from specmesh.kernels.tree_attention import tree_attention
 

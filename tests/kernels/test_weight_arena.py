@@ -49,6 +49,16 @@ def _model(arena: str, monkeypatch) -> Transformer:
     return model.eval()
 
 
+def _assert_same_forward(a: Transformer, b: Transformer) -> None:
+    """Bitwise the same logits and KV from one packed forward of both models."""
+    steps, tokens, positions = _batch()
+    k1, v1 = _pools(a)
+    k2, v2 = k1.clone(), v1.clone()
+    got = a(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
+    want = b(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
+    assert torch.equal(got, want) and torch.equal(k1, k2)
+
+
 def test_model_weights_live_in_one_arena_and_logits_match(monkeypatch):
     on, off = _model("1", monkeypatch), _model("0", monkeypatch)
     weights = [m.weight_f16 for m in on.modules() if getattr(m, "weight_f16", None) is not None]
@@ -56,12 +66,7 @@ def test_model_weights_live_in_one_arena_and_logits_match(monkeypatch):
         pytest.skip("no fp16-resident weights here (CPU kernels unavailable)")
     storages = {w.untyped_storage().data_ptr() for w in weights}
     assert len(storages) == 1
-    steps, tokens, positions = _batch()
-    k1, v1 = _pools(on)
-    k2, v2 = k1.clone(), v1.clone()
-    got = on(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
-    want = off(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
-    assert torch.equal(got, want) and torch.equal(k1, k2)
+    _assert_same_forward(on, off)
 
 
 def test_streamed_policy(monkeypatch):
@@ -90,9 +95,4 @@ def test_streaming_changes_no_result(monkeypatch):
     assert on.lm_head.stream_weights and not off.lm_head.stream_weights
     if on.fused_layers is not None:
         assert on.fused_layers._weights[0].stream == 1 and off.fused_layers._weights[0].stream == 0
-    steps, tokens, positions = _batch()
-    k1, v1 = _pools(on)
-    k2, v2 = k1.clone(), v1.clone()
-    got = on(tokens, positions, build_metadata(steps, block_size=4), k1, v1)  # [T, vocab]
-    want = off(tokens, positions, build_metadata(steps, block_size=4), k2, v2)
-    assert torch.equal(got, want) and torch.equal(k1, k2)
+    _assert_same_forward(on, off)
