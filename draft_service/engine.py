@@ -51,7 +51,7 @@ class ProposeResult:
 class DraftEngine(SequenceEngine):
     def __init__(self, loaded, config: EngineConfig = EngineConfig()):
         super().__init__(loaded, config)
-        # greedy chains: every depth in one C call where the CPU kernels run this model
+        # chains: their depths through one C loop where the CPU kernels run this model
         self.chain = ChainRunner.build(loaded.model) if loaded.device.type == "cpu" else None
 
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:

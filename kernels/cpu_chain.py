@@ -1,4 +1,4 @@
-"""Greedy draft chains, all depths in one C call (`kernels/csrc/chain_f16.c`).
+"""Draft chains through one C loop (`kernels/csrc/chain_f16.c`).
 
     chain = ChainRunner.build(loaded.model)   # None where the C path cannot run
     tokens = chain.run(kv, seq_ids, first_tokens, steps)   # [B][steps] next chain nodes
@@ -6,9 +6,10 @@
 A greedy chain feeds each depth's argmax back as the next 1-row forward; the C loop does that
 with the fused decoder layers, the norm, the LM head and the argmax, so no Python runs between
 the depths. A sampled chain runs one C call per depth and draws its token in Python from the
-logits (`choose`), with the request's own generator. It computes what `ModelRunner.forward` + argmax computes (same kernels, same
-order): the draft engine uses it for greedy chains where it is available and falls back to the
-Python path otherwise. `SPECMESH_CPU_CHAIN=0` turns it off (A/B).
+logits (`choose`), with the request's own generator. Each depth computes what
+`ModelRunner.forward` computes (same kernels, same order): the draft engine uses it for chains
+where it is available and falls back to the Python path otherwise. `SPECMESH_CPU_CHAIN=0`
+turns it off (A/B).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 class ChainRunner:
-    """One model's greedy chain loop; see the module docstring."""
+    """One model's chain loop; see the module docstring."""
 
     def __init__(self, model, fused: cpu_layer.FusedLayers):
         self.model, self.fused = model, fused
