@@ -86,6 +86,8 @@ class TreeGrower:
         self.depth += 1
 
     def _expand(self, parents: list[int], logits: torch.Tensor) -> list[int]:
+        if not self.sampling.greedy and logits.device.type != "cpu":
+            logits = logits.cpu()  # the request's generator (and the wire format) live there
         q = draft_distribution(logits, self.sampling)  # [P, vocab]
         counts = self._counts(parents, q)
         new_nodes = []

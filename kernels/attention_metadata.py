@@ -130,7 +130,7 @@ def build_metadata(steps: list[SequenceStep], block_size: int) -> AttentionMetad
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """[T, MASK_WORDS] int64 -> [T, n] bool (inverse of the packing in build_metadata)."""
-    bits = torch.arange(64, dtype=torch.int64)
+    bits = torch.arange(64, dtype=torch.int64, device=words.device)
     expanded = (words.unsqueeze(-1) >> bits) & 1  # [T, MASK_WORDS, 64]
     return expanded.view(words.shape[0], -1)[:, :n].bool()
 

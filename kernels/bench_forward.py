@@ -6,9 +6,13 @@ For the target: one packed forward of 1 causal token + (rows - 1) chain-tree nod
 128-token committed prefix (a verify step; rows = 1 is a plain decode step). For the draft: a
 1-row and a 3-row forward (one depth of a chain / of a dynamic tree). Each is printed next to the
 bound measured on this machine in the same run: one sweep over the model's projection weights,
-as served (fp16 through `kernels.cpu_linear` where the checkpoint is fp16, else fp32 `F.linear`),
-with one row, i.e. weight bytes / sweep time. Modes are interleaved and the
+as served (fp16 through `kernels.cpu_linear` where the checkpoint is fp16, else fp32 `F.linear`;
+on a GPU `F.linear` in the serving dtype, replayed as one CUDA graph), with one row, i.e. weight bytes / sweep time. Modes are interleaved and the
 minimum and median of `--repeats` are reported (the machine may be shared).
+
+On a GPU (`--device cuda --dtype bfloat16`) every case is timed to a `torch.cuda.synchronize()`
+and the sweep is one `F.linear` per weight; the forwards run as the services run them (CUDA
+graphs where `kernels.cuda_graphs` captures them, SPECMESH_CUDA_GRAPHS=0 for eager).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _weights(loaded: LoadedModel) -> list[torch.Tensor]:
 def _runner(loaded: LoadedModel) -> ModelRunner:
     cfg = loaded.config
     kv = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16,
-                      (PREFIX + 64) // 16 + 1, loaded.dtype, loaded.device)
+                      (PREFIX + 64) // 16 + 1 + 80, loaded.dtype, loaded.device)  # + graphs' scratch
     runner = ModelRunner(loaded, kv)
     kv.create("s")
     kv.reserve("s", PREFIX + 32)
@@ -75,43 +79,56 @@ def _step(runner: ModelRunner, rows: int):
 
 def _sweep(loaded: LoadedModel):
     weights = _weights(loaded)
-    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device) for w in weights}
     stream = weight_arena.streamed(sum(w.nbytes for w in weights))  # as the forward reads them
 
     def run() -> None:
         with torch.inference_mode():
             for w in weights:
-                if w.dtype == torch.float16:
+                if w.dtype == torch.float16 and w.device.type == "cpu":
                     linear_f16(xs[w.shape[1]], w, stream=stream)
                 else:
                     F.linear(xs[w.shape[1]].to(w.dtype), w)
-    return run
+    if loaded.device.type != "cuda":
+        return run
+    run()  # on a GPU: one captured graph, so the bound is the memory's, not the launches'
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
 
 
-def _time(cases: dict[str, object], repeats: int) -> dict[str, list[float]]:
+def _time(cases: dict[str, object], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in cases.values():
         fn()  # warm-up
+        fn()
     out: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             out[name].append((time.perf_counter() - start) * 1000)
     return out
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    target, draft = load_model(args.target), load_model(args.draft)
+    dtype = getattr(torch, args.dtype)
+    target = load_model(args.target, dtype, args.device)
+    draft = load_model(args.draft, dtype, args.device)
     tr, dr = _runner(target), _runner(draft)
     cases = {"target sweep": _sweep(target), "draft sweep": _sweep(draft)}
     cases |= {f"target rows={r}": _step(tr, r) for r in args.rows}
     cases |= {"draft rows=1": _step(dr, 1), "draft rows=3": _step(dr, 3)}
-    times = _time(cases, args.repeats)
+    times = _time(cases, args.repeats, target.device)
     stats = {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
     bytes_ = {m: sum(w.numel() * w.element_size() for w in _weights(x))
               for m, x in (("target", target), ("draft", draft))}
-    result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "weight_bytes": bytes_,
+    result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "device": args.device,
+              "dtype": args.dtype, "weight_bytes": bytes_,
               "times": stats, "ratios": {}}
     base = stats["target rows=1"]["median_ms"]
     for r in args.rows:
@@ -124,7 +141,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"engine bench: {res['threads']} threads, {res['prefix']}-token prefix",
+    lines = [f"engine bench: {res['device']} {res['dtype']}, {res['threads']} threads, "
+             f"{res['prefix']}-token prefix",
              f"{'case':<22}{'min ms':>9}{'median ms':>11}{'x sweep':>9}{'x rows=1':>10}"]
     for name, s in res["times"].items():
         model = name.split()[0]
@@ -149,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="load both models as this dtype (CPU: float32, the fp16 checkpoints' "
+                        "weights stay fp16 for the CPU kernel)")
     args = p.parse_args(argv)
     if 1 not in args.rows:
         args.rows = [1] + args.rows

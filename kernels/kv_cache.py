@@ -98,6 +98,13 @@ class PagedKVCache:
         seq.block_ids.extend(self._free.pop() for _ in range(needed))
         return None
 
+    def take_scratch(self, num_blocks: int) -> list[int]:
+        """Take `num_blocks` blocks out of the pool for good (no sequence owns them, nothing
+        evicts or reuses them): scratch KV for padding rows (`kernels.cuda_graphs`)."""
+        if num_blocks > len(self._free):
+            raise ValueError(f"{num_blocks} scratch blocks asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(num_blocks)]
+
     def set_num_tokens(self, seq_id: str, n: int) -> None:
         """Declare positions [0, n) valid; n must fit the reserved blocks."""
         seq = self._seqs[seq_id]

@@ -58,9 +58,11 @@ class RopeTable:
         positions = torch.arange(max_positions, device=device)
         self.cos, self.sin = rope_cos_sin(positions, head_dim, theta, dtype)  # [P, D] each
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos, sin [T, D]; positions past the table are computed directly."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+    def lookup(self, positions: torch.Tensor,
+               checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos, sin [T, D]; positions past the table are computed directly
+        (`checked`: the caller knows they are all inside it; no device-to-host read)."""
+        if not checked and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             return rope_cos_sin(positions, self.head_dim, self.theta, self.cos.dtype)
         return self.cos[positions], self.sin[positions]
 
@@ -248,10 +250,11 @@ class Transformer(nn.Module):
         k_pool: torch.Tensor,  # [num_layers, num_blocks, block_size, Hkv, D]
         v_pool: torch.Tensor,  # [num_layers, num_blocks, block_size, Hkv, D]
         logits_indices: torch.Tensor | None = None,  # [M] rows that need logits; None = all
+        positions_checked: bool = False,  # every position < max_position_embeddings (graphs)
     ) -> torch.Tensor:  # [M, vocab_size] float32
         x = self.model.embed_tokens(tokens)  # [T, hidden]
         if self.rope is not None and self.rope.cos.dtype == x.dtype:
-            cos, sin = self.rope.lookup(positions)  # [T, D] each
+            cos, sin = self.rope.lookup(positions, positions_checked)  # [T, D] each
         else:
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                     x.dtype)

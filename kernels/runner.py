@@ -1,5 +1,8 @@
 """ModelRunner: one packed forward over many sequences sharing one paged KV cache.
 
+On a GPU the forward replays a captured CUDA graph where the batch fits one
+(`kernels.cuda_graphs`), and runs eagerly otherwise.
+
 The runner turns `ForwardItem`s (a sequence, its new causal tokens and an optional tree) into
 packed tensors + `AttentionMetadata`, runs the model, and hands back per-item logits for the
 rows a speculative step needs: the last causal token and every tree node.
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specmesh.kernels.attention_metadata import SequenceStep, build_metadata, to_device
+from specmesh.kernels.cuda_graphs import CudaGraphs
 from specmesh.kernels.kv_cache import PagedKVCache
 from specmesh.kernels.loader import LoadedModel
 from specmesh.kernels.tree import TreeBuffers
@@ -40,6 +44,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv: PagedKVCache):
         self.loaded = loaded
         self.kv = kv
+        self.graphs = CudaGraphs.build(loaded, kv)  # None off CUDA (see kernels.cuda_graphs)
 
     def forward(self, items: list[ForwardItem]) -> list[ForwardOutput]:
         """Run all items in one forward. Blocks must be reserved (see `reserve`).
@@ -47,7 +52,6 @@ class ModelRunner:
         On return each sequence's num_tokens covers its causal tokens; tree KV sits in the
         positions after them until the caller commits (`commit_tree_path`) or drops it.
         """
-        device = self.loaded.device
         steps, tokens, positions, rows = [], [], [], []
         offset = 0
         for it in items:
@@ -71,14 +75,8 @@ class ModelRunner:
             first = offset + n_causal - 1 if n_causal else offset
             rows.append(torch.arange(first, offset + n_causal + n_tree))
             offset += n_causal + n_tree
-        meta = build_metadata(steps, self.kv.block_size)
-        if device.type != "cpu":
-            meta = to_device(meta, device)
-        logits_rows = torch.cat(rows)
-        logits = self.loaded.model(
-            torch.cat(tokens).to(device), torch.cat(positions).to(device), meta,
-            self.kv.k, self.kv.v, logits_rows.to(device),
-        )  # [sum(1 + n_tree), vocab]
+        logits = self._run(steps, torch.cat(tokens), torch.cat(positions), torch.cat(rows))
+        # logits: [sum(1 + n_tree), vocab]
         outs, start = [], 0
         for it, step in zip(items, steps):
             n = int(step.num_causal > 0) + step.num_tree_queries
@@ -87,6 +85,21 @@ class ModelRunner:
             self.kv.set_num_tokens(it.seq_id, step.num_cached + step.num_causal)
             self.kv.touch(it.seq_id)
         return outs
+
+    def _run(self, steps: list[SequenceStep], tokens: torch.Tensor, positions: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+        """One forward of the packed batch (tokens/positions [T], logits rows [M], on the
+        host): a captured CUDA graph where one fits, else eager. [M, vocab] float32"""
+        if self.graphs is not None:
+            logits = self.graphs.run(steps, tokens, positions, rows)
+            if logits is not None:
+                return logits
+        device = self.loaded.device
+        meta = build_metadata(steps, self.kv.block_size)
+        if device.type != "cpu":
+            meta = to_device(meta, device)
+        return self.loaded.model(tokens.to(device), positions.to(device), meta, self.kv.k,
+                                 self.kv.v, rows.to(device))
 
     def commit_tree_path(self, seq_id: str, node_indices: list[int]) -> None:
         """Move the KV of accepted tree nodes to consecutive positions after the causal tokens."""

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (table to stderr, no progress bar)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG plot here")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of both model services and the HF runs ('cuda')")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="weights/KV dtype of both services and the HF runs (default: the "
+                        "services' own, float32; HF float32)")
     return p
 
 
@@ -125,6 +130,16 @@ def _load_average() -> float:
         return os.getloadavg()[0]
     except OSError:
         return 0.0
+
+
+def _where(args: argparse.Namespace) -> str:
+    """'cpu float32' or, on a GPU, 'cuda bfloat16 (NVIDIA H200)'."""
+    where = f"{args.device} {args.dtype or 'float32'}"
+    if args.device.startswith("cuda"):
+        import torch
+
+        where += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
+    return where
 
 
 def _log(message: str) -> None:
@@ -150,14 +165,17 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     texts = [texts[i % len(texts)] for i in range(num_needed)]
     prompts = (chat_prompts(target, texts, codec) if args.chat
                else [codec.encode(t) for t in texts])
+    service_args = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, args.repeats, _log,
-                                 args.temperature, args.top_p, quiet=args.json))
+                                 args.temperature, args.top_p, quiet=args.json,
+                                 service_args=service_args))
     if not args.no_hf and args.temperature == 0:
         from specmesh.loadtest.bench_hf import run_hf  # torch + transformers only when asked
 
         runs += run_hf(target, draft, prompts[:args.num_prompts], args.max_new_tokens,
-                       args.repeats, _log, quiet=args.json)
+                       args.repeats, _log, quiet=args.json, device=args.device,
+                       dtype=args.dtype or "float32")
     return runs
 
 
@@ -185,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     title = (f"specmesh bench: target {target.name}, draft {draft.name if draft else 'ngram'}, "
              f"{args.prompts} prompts{' (chat)' if args.chat else ''}\n"
              f"{_decoding(args)}, {args.max_new_tokens} new tokens, {args.num_prompts} prompts x {args.repeats}, "
-             f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
+             f"{os.cpu_count()} CPUs, {_where(args)}, threads {args.threads or 'default'}, "
              f"load average {load_before:.1f} -> {load_after:.1f}, {elapsed:.0f} s")
     report = format_report(title, rows, ratios, check, checks, exact=args.temperature == 0)
     if args.json:
@@ -195,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
                   "repeats": args.repeats,
                   "trees": names, "hf": not args.no_hf and args.temperature == 0,
                   "temperature": args.temperature, "top_p": args.top_p, "threads": args.threads,
-                  "cpu_count": os.cpu_count(), "load_average": [load_before, load_after],
+                  "cpu_count": os.cpu_count(), "device": args.device,
+                  "dtype": args.dtype or "float32", "load_average": [load_before, load_after],
                   "elapsed_s": elapsed}
         print(report, file=sys.stderr, flush=True)
         print(json.dumps(to_json(config, rows, ratios, check, checks)), flush=True)

@@ -48,17 +48,18 @@ def _timing_streamer():
 PROMPT_LOOKUP = "prompt-lookup:10"  # HF's own n-gram drafting, the baseline for --draft ngram
 
 
-def _load(path: pathlib.Path):
-    """An HF model folder, or a GGUF file (transformers dequantizes it to fp32)."""
+def _load(path: pathlib.Path, device: str = "cpu", dtype: str = "float32"):
+    """An HF model folder, or a GGUF file (transformers dequantizes it), as `dtype` on
+    `device`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
+                                                     dtype=getattr(torch, dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
 
 
 def _generate(model, prompt_ids: list[int], max_new_tokens: int, assistant=None):
@@ -67,7 +68,7 @@ def _generate(model, prompt_ids: list[int], max_new_tokens: int, assistant=None)
     import torch
 
     streamer = _timing_streamer()
-    ids = torch.tensor([prompt_ids])  # [1, prompt_len]
+    ids = torch.tensor([prompt_ids], device=model.device)  # [1, prompt_len]
     if assistant == PROMPT_LOOKUP:
         extra = {"prompt_lookup_num_tokens": int(PROMPT_LOOKUP.rsplit(":", 1)[1])}
     else:
@@ -93,7 +94,7 @@ def _timed(model, index: int, prompt_ids: list[int], max_new_tokens: int,
 
 def run_hf(target: pathlib.Path, draft: pathlib.Path | None, prompts: list[list[int]],
            max_new_tokens: int, repeats: int, log: Callable[[str], None],
-           quiet: bool = False) -> list[ModeRun]:
+           quiet: bool = False, device: str = "cpu", dtype: str = "float32") -> list[ModeRun]:
     """HF target-only and HF assisted (the draft model, or with draft None HF's prompt lookup),
     each over all prompts in order, alternating `repeats` times (requests and wall times
     pooled per mode)."""
@@ -105,8 +106,8 @@ def run_hf(target: pathlib.Path, draft: pathlib.Path | None, prompts: list[list[
     transformers.utils.logging.disable_progress_bar()
     log(f"HF transformers {transformers.__version__}, {torch.get_num_threads()} torch threads: "
         f"loading {target.name} and {draft.name if draft else PROMPT_LOOKUP}")
-    target_model = _load(target)
-    assistant = _load(draft) if draft is not None else PROMPT_LOOKUP
+    target_model = _load(target, device, dtype)
+    assistant = _load(draft, device, dtype) if draft is not None else PROMPT_LOOKUP
     modes = ((HF_TARGET, None), (HF_ASSISTED, assistant))
     pooled = {kind: ([], 0.0) for kind, _ in modes}
     for kind, assistant in modes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from specmesh.model_service.prefix_kv import export_prefix, num_prefix_tokens
 from specmesh.model_service.sequences import SequenceStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class SequenceEngine:
         self.sequences = SequenceStore.for_model(loaded, config)
         self.kv = self.sequences.kv
         self.runner = ModelRunner(loaded, self.kv)
+        if self.runner.graphs is not None:  # on a GPU: capture now, not during requests
+            try:
+                self.runner.graphs.capture_all()
+            except Exception:  # noqa: BLE001 - eager forwards still serve
+                log.exception("CUDA graph capture failed: running the model eagerly")
+                self.runner.graphs = None
 
     def prepare_each(self, items: Sequence[SequenceItem],
                      prepare: Callable[[Any, set[str]], T]) -> tuple[list, list[tuple[int, T]]]:

@@ -155,6 +155,7 @@ class VerifyEngine(SequenceEngine):
             acc = greedy_accept(tree, logits.argmax(-1))
             probs = torch.log_softmax(logits, -1) if item.return_logprobs else None
         else:
+            logits = logits.cpu()  # a GPU's rows: the request's generator lives on the CPU
             probs = warp_logits_to_probs(logits, item.sampling)  # [1 + n, vocab]
             draft = prep.draft if prep.draft is not None else torch.zeros(1, logits.shape[-1])
             gen = round_generator(item.seed, self.kv.num_tokens(item.seq_id), "verify")

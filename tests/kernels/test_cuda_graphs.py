@@ -1,0 +1,102 @@
+"""`kernels.cuda_graphs`: the padded, staged forward gives the eager forward's logits and KV.
+
+On the CPU nothing is captured, but everything else runs as on a GPU (the staging layout, the
+padding sequence on scratch blocks, the full-width attention plan, the logits rows); on a GPU
+(marked `gpu`) the captured graph is replayed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmesh.kernels import cuda_graphs
+from specmesh.kernels.cuda_graphs import SIZES, CudaGraphs, staging_layout
+from specmesh.kernels.kv_cache import PagedKVCache
+from specmesh.kernels.loader import load_model
+from specmesh.kernels.runner import ForwardItem, ModelRunner
+from specmesh.kernels.tree import compile_tree
+from tests.conftest import TINY_TARGET
+
+pytestmark = pytest.mark.models
+
+
+def _runner(loaded, graphs: bool) -> ModelRunner:
+    cfg = loaded.config
+    kv = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size=4,
+                      num_blocks=400, dtype=loaded.dtype, device=loaded.device)
+    runner = ModelRunner(loaded, kv)
+    if graphs and runner.graphs is None:  # CPU: the same path, run eagerly
+        runner.graphs = CudaGraphs(loaded, kv, kv.take_scratch(SIZES[-1] // 4), width=128)
+    assert (runner.graphs is not None) == graphs
+    return runner
+
+
+def _steps(runner: ModelRunner) -> list[list[torch.Tensor]]:
+    """Prefill two sequences, verify a tree on one and a chain on the other, commit, decode:
+    the logits of every forward."""
+    kv, out = runner.kv, []
+    for seq, prompt in (("a", [1, 403, 261, 385, 64, 21]), ("b", [1, 9, 88, 301, 5, 6, 7, 8, 9])):
+        kv.create(seq)
+        kv.reserve(seq, 64)
+    out.append([o.logits for o in runner.forward([
+        ForwardItem("a", [1, 403, 261, 385, 64, 21]), ForwardItem("b", [1, 9, 88, 301, 5, 6])])])
+    tree = compile_tree([17, 18, 19, 20, 21], [-1, 0, 0, 1, 3])
+    chain = compile_tree([30, 31, 32], [-1, 0, 1])
+    out.append([o.logits for o in runner.forward([
+        ForwardItem("a", [33], tree), ForwardItem("b", [34, 35], chain)])])
+    runner.commit_tree_path("a", [0, 1, 3])
+    runner.commit_tree_path("b", [0])
+    out.append([o.logits for o in runner.forward([ForwardItem("b", [36]),
+                                                  ForwardItem("a", [37])])])
+    out.append([o.logits for o in runner.forward([ForwardItem("a", [38])])])
+    return out
+
+
+def _kv(runner: ModelRunner, seq: str) -> torch.Tensor:
+    table = runner.kv.block_table(seq)
+    n = runner.kv.num_tokens(seq)
+    pos = torch.arange(n)
+    idx = torch.tensor(table)[pos // runner.kv.block_size], pos % runner.kv.block_size
+    return torch.stack([runner.kv.k[:, idx[0], idx[1]], runner.kv.v[:, idx[0], idx[1]]])
+
+
+def _check_same(loaded, atol: float) -> None:
+    eager, graphed = _runner(loaded, False), _runner(loaded, True)
+    for want, got in zip(_steps(eager), _steps(graphed)):
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            torch.testing.assert_close(g, w, atol=atol, rtol=1e-5)  # other GEMM shapes
+    for seq in ("a", "b"):
+        assert eager.kv.num_tokens(seq) == graphed.kv.num_tokens(seq)
+        torch.testing.assert_close(_kv(graphed, seq), _kv(eager, seq), atol=atol, rtol=1e-5)
+    assert set(graphed.graphs.graphs) <= set(SIZES)
+    assert len(graphed.graphs.graphs) >= 2  # the 12-row prefill, 10-row verify, 2- and 1-row
+
+
+def test_padded_staged_forward_equals_eager_on_cpu(models):
+    _check_same(load_model(models / TINY_TARGET), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_captured_graphs_equal_eager_on_gpu(models):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    loaded = load_model(models / TINY_TARGET, torch.float32, "cuda")
+    _check_same(loaded, atol=2e-4)
+
+
+def test_staging_layout_is_packed_and_disjoint():
+    layout = staging_layout(8, 5)
+    spans = sorted(layout.values())
+    assert spans[0][0] == 0
+    for (o1, n1), (o2, _) in zip(spans, spans[1:]):
+        assert o1 + n1 == o2  # back to back
+    assert layout["block_tables"] == (spans[-1][0], 9 * 5)
+
+
+def test_graphs_off_on_cpu_and_when_disabled(models, monkeypatch):
+    loaded = load_model(models / TINY_TARGET)
+    assert ModelRunner(loaded, PagedKVCache(5, 4, 8, 4, 200)).graphs is None  # CPU
+    monkeypatch.setenv("SPECMESH_CUDA_GRAPHS", "0")
+    assert not cuda_graphs.enabled()
