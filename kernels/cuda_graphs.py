@@ -39,6 +39,7 @@ from specmesh.kernels.attention_metadata import (
     SequenceStep,
     build_metadata,
 )
+from specmesh.kernels.cuda_compile import DTYPE_NAMES, HEAD_DIMS
 from specmesh.kernels.kv_cache import PagedKVCache
 from specmesh.kernels.loader import LoadedModel
 
@@ -125,13 +126,17 @@ class CudaGraphs:
 
     @classmethod
     def build(cls, loaded: LoadedModel, kv: PagedKVCache) -> "CudaGraphs | None":
-        """None off CUDA, when disabled, or when the cache cannot spare the scratch blocks."""
+        """None off CUDA, when disabled, where the attention kernel does not take the model,
+        or when the cache cannot spare the scratch blocks."""
+        cfg = loaded.config
         if loaded.device.type != "cuda" or not enabled() or loaded.model.rope is None:
             return None
+        if cfg.head_dim not in HEAD_DIMS or loaded.dtype not in DTYPE_NAMES:
+            return None  # the PyTorch reference would run, and it reads lengths on the host
         need = math.ceil(SIZES[-1] / kv.block_size)
         if kv.num_free_blocks < 4 * need:
             return None
-        width = math.ceil(loaded.config.max_position_embeddings / kv.block_size)
+        width = math.ceil(cfg.max_position_embeddings / kv.block_size)
         return cls(loaded, kv, kv.take_scratch(need), width)
 
     def _applicable(self, steps: list[SequenceStep], num_tokens: int) -> int | None:

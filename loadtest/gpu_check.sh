@@ -67,7 +67,7 @@ if has bench; then
   say "specmesh bench on the GPU: $BENCH_ARGS"
   # shellcheck disable=SC2086
   timeout ${BENCH_TIMEOUT:-330} $PY -m specmesh.loadtest.bench --device cuda --dtype bfloat16 \
-    --target "$TARGET" --draft "$DRAFT" $BENCH_ARGS --json --plot "$OUTDIR/bench_gpu.png" \
+    --target "$TARGET" --draft "$DRAFT" $BENCH_ARGS --json ${PLOT:+--plot "$OUTDIR/bench_gpu.png"} \
     > "$OUTDIR/bench_gpu.json" 2> "$OUTDIR/bench_gpu.log"
   echo "bench exit $?"
   grep -v "^\[bench" "$OUTDIR/bench_gpu.log" | tail -60
