@@ -86,8 +86,8 @@ class TreeGrower:
         self.depth += 1
 
     def _expand(self, parents: list[int], logits: torch.Tensor) -> list[int]:
-        if not self.sampling.greedy and logits.device.type != "cpu":
-            logits = logits.cpu()  # the request's generator (and the wire format) live there
+        if logits.device.type != "cpu":  # a GPU's rows: the request's generator, the wire
+            logits = logits.cpu()  # format and the tree's bookkeeping live on the CPU
         q = draft_distribution(logits, self.sampling)  # [P, vocab]
         counts = self._counts(parents, q)
         new_nodes = []
