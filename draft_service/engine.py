@@ -14,6 +14,7 @@ import numpy as np
 from specmesh.draft_service.tree_builder import TreeGrower
 from specmesh.errors import CapacityExhausted, InvalidRequest
 from specmesh.kernels.cpu_chain import ChainRunner
+from specmesh.kernels.cuda_chain import CudaChain
 from specmesh.kernels.runner import ForwardItem
 from specmesh.kernels.sampling import SamplingConfig
 from specmesh.kernels.seeding import round_generator
@@ -51,8 +52,10 @@ class ProposeResult:
 class DraftEngine(SequenceEngine):
     def __init__(self, loaded, config: EngineConfig = EngineConfig()):
         super().__init__(loaded, config)
-        # chains: their depths through one C loop where the CPU kernels run this model
-        self.chain = ChainRunner.build(loaded.model) if loaded.device.type == "cpu" else None
+        # chains: their depths through one C loop where the CPU kernels run this model, or
+        # (greedy) one CUDA graph on a GPU
+        self.chain = (ChainRunner.build(loaded.model) if loaded.device.type == "cpu"
+                      else CudaChain.build(loaded, self.runner.graphs))
 
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         """One forward for the new tokens of every item, then one per tree depth; each failure
@@ -95,7 +98,8 @@ class DraftEngine(SequenceEngine):
             if not growing:
                 return
             steps = self._chain_steps([g for _, g in growing])
-            if steps and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps):
+            if steps and (self.chain.samples or all(g.sampling.greedy for _, g in growing)) \
+                    and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps):
                 self._run_chain([g for _, g in growing], [fwd.seq_id for fwd, _ in growing],
                                 steps)
                 continue

@@ -49,6 +49,8 @@ def _library() -> ctypes.CDLL | None:
 class ChainRunner:
     """One model's chain loop; see the module docstring."""
 
+    samples = True  # sampled chains too (one C call per depth, `choose` draws)
+
     def __init__(self, model, fused: cpu_layer.FusedLayers):
         self.model, self.fused = model, fused
         self.layer_array = (cpu_layer._Weights * len(fused._weights))(*fused._weights)

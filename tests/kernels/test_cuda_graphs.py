@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from specmesh.kernels import cuda_graphs
 from specmesh.kernels.config import ModelConfig
+from specmesh.kernels.cuda_chain import CudaChain
 from specmesh.kernels.cuda_graphs import SIZES, CudaGraphs, staging_layout
 from specmesh.kernels.kv_cache import PagedKVCache
 from specmesh.kernels.loader import load_model
@@ -122,3 +123,46 @@ def test_graphs_off_on_cpu_and_when_disabled(models, monkeypatch):
     assert ModelRunner(loaded, PagedKVCache(5, 4, 8, 4, 200)).graphs is None  # CPU
     monkeypatch.setenv("SPECMESH_CUDA_GRAPHS", "0")
     assert not cuda_graphs.enabled()
+
+
+def _chain_tokens(runner: ModelRunner, chain: CudaChain | None, steps: int) -> list[list[int]]:
+    """Prefill three sequences of different lengths, then a greedy chain of `steps` depths from
+    each one's last argmax: through `chain`, or one eager runner forward per depth."""
+    kv, seqs = runner.kv, {"a": [1, 403, 261, 385], "b": [1, 9, 88, 301, 5, 6, 7], "c": [1, 44]}
+    for seq, prompt in seqs.items():
+        kv.create(seq)
+        kv.reserve(seq, 40)
+    outs = runner.forward([ForwardItem(s, p) for s, p in seqs.items()])
+    first = [int(o.logits[0].argmax()) for o in outs]
+    if chain is not None:
+        assert chain.fits(kv, list(seqs), steps)
+        return chain.run(kv, list(seqs), first, steps)
+    tokens, got = first, [[] for _ in seqs]
+    for _ in range(steps):
+        outs = runner.forward([ForwardItem(s, [t]) for s, t in zip(seqs, tokens)])
+        tokens = [int(o.logits[0].argmax()) for o in outs]
+        for row, t in zip(got, tokens):
+            row.append(t)
+    return got
+
+
+def _check_chain(loaded) -> None:
+    eager, graphed = _runner(loaded, False), _runner(loaded, True)
+    want = _chain_tokens(eager, None, 5)
+    assert _chain_tokens(graphed, CudaChain(loaded, graphed.graphs), 5) == want
+    for seq in ("a", "b", "c"):
+        assert graphed.kv.num_tokens(seq) == eager.kv.num_tokens(seq)
+        torch.testing.assert_close(_kv(graphed, seq), _kv(eager, seq), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.models
+def test_greedy_chain_graph_equals_per_depth_forwards_on_cpu(models):
+    _check_chain(load_model(models / TINY_TARGET))
+
+
+@pytest.mark.gpu
+def test_captured_chain_equals_per_depth_forwards_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _random_model(tmp_path)
+    _check_chain(load_model(tmp_path, torch.float32, "cuda"))
