@@ -99,28 +99,39 @@ class DraftEngine(SequenceEngine):
                 return
             steps = self._chain_steps([g for _, g in growing])
             if steps and (self.chain.samples or all(g.sampling.greedy for _, g in growing)) \
-                    and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps):
-                self._run_chain([g for _, g in growing], [fwd.seq_id for fwd, _ in growing],
-                                steps)
+                    and self.chain.fits(self.kv, [fwd.seq_id for fwd, _ in growing], steps) \
+                    and self._run_chain([g for _, g in growing],
+                                        [fwd.seq_id for fwd, _ in growing], steps):
                 continue
             outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
             for (_, g), out in zip(growing, outs):
                 g.grow(out.logits)
 
-    def _run_chain(self, growers: list[TreeGrower], seq_ids: list[str], steps: int) -> None:
-        """The chains' remaining depths through `kernels.cpu_chain`: greedy ones wholly in C,
-        sampled ones drawing each depth's token from its logits (`TreeGrower.grow`)."""
+    def _run_chain(self, growers: list[TreeGrower], seq_ids: list[str], steps: int) -> bool:
+        """The chains' remaining depths through `kernels.cpu_chain` (greedy ones wholly in C,
+        sampled ones drawing each depth's token from its logits, `TreeGrower.grow`) or, on a
+        GPU, `kernels.cuda_chain` (greedy). False: the CUDA graph failed (logged, turned off)
+        and nothing was run: the caller runs the depths one forward each."""
         first = [g.tokens[g.frontier[-1]] for g in growers]
         if all(g.sampling.greedy for g in growers):
-            for g, tokens in zip(growers, self.chain.run(self.kv, seq_ids, first, steps)):
+            try:
+                chosen = self.chain.run(self.kv, seq_ids, first, steps)
+            except Exception:
+                if not isinstance(self.chain, CudaChain):
+                    raise
+                log.exception("draft chain CUDA graph failed: chains run depth by depth")
+                self.chain = None
+                return False
+            for g, tokens in zip(growers, chosen):
                 g.extend_chain(tokens)
-            return
+            return True
 
         def choose(logits):  # [B, vocab]
             for row, g in enumerate(growers):
                 g.grow(logits[row:row + 1])
             return [g.tokens[g.frontier[-1]] for g in growers]
         self.chain.run(self.kv, seq_ids, first, steps, choose)
+        return True
 
     def _chain_steps(self, growers: list[TreeGrower]) -> int:
         """Depths left if every grower is a chain with as many left, else 0."""

@@ -22,7 +22,7 @@ from specmesh.kernels.loader import load_model
 from specmesh.kernels.model import Transformer
 from specmesh.kernels.runner import ForwardItem, ModelRunner
 from specmesh.kernels.tree import compile_tree
-from tests.conftest import TINY_TARGET
+from tests.conftest import TINY_DRAFT, TINY_TARGET
 
 
 def _runner(loaded, graphs: bool) -> ModelRunner:
@@ -166,3 +166,42 @@ def test_captured_chain_equals_per_depth_forwards_on_gpu(tmp_path):
         pytest.skip("no CUDA device")
     _random_model(tmp_path)
     _check_chain(load_model(tmp_path, torch.float32, "cuda"))
+
+
+def _draft_engines(models):
+    """(an engine whose chains run through a CudaChain, eagerly on the CPU; a plain one)."""
+    from specmesh.draft_service.engine import DraftEngine
+
+    loaded = load_model(models / TINY_DRAFT)
+    engine, plain = DraftEngine(loaded), DraftEngine(load_model(models / TINY_DRAFT))
+    plain.chain = None  # one forward per depth
+    graphs = CudaGraphs(loaded, engine.kv, engine.kv.take_scratch(16), width=32)
+    engine.runner.graphs, engine.chain = graphs, CudaChain(loaded, graphs)
+    return engine, plain
+
+
+def _propose(engine):
+    from specmesh.draft_service.engine import ProposeItem
+    from specmesh.wire.tree_spec import TreeSpec
+
+    items = [ProposeItem(seq_id=s, num_cached_tokens=0, new_tokens=p, spec=TreeSpec.parse(t))
+             for s, p, t in (("a", [1, 403, 261, 385], "chain:5"), ("b", [1, 9, 88], "chain:5"))]
+    return [(r.tokens, r.parents, r.num_cached_tokens) for r in engine.propose_batch(items)]
+
+
+@pytest.mark.models
+def test_draft_engine_chains_through_the_chain_graph(models):
+    engine, plain = _draft_engines(models)
+    assert _propose(engine) == _propose(plain)
+    assert (2, 4) in engine.chain.chains  # both chains' last 4 depths in one graph
+
+
+@pytest.mark.models
+def test_draft_engine_falls_back_when_the_chain_graph_fails(models, monkeypatch):
+    engine, plain = _draft_engines(models)
+
+    def broken(self, chain):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(CudaChain, "_forward", broken)
+    assert _propose(engine) == _propose(plain)
+    assert engine.chain is None  # turned off, logged; depths run one forward each
