@@ -10,10 +10,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from specmesh.draft_service.tree_builder import TreeGrower
 from specmesh.errors import CapacityExhausted, InvalidRequest
-from specmesh.kernels.cpu_chain import ChainRunner
+from specmesh.kernels.cpu_chain import ChainDraws, ChainRunner
 from specmesh.kernels.cuda_chain import CudaChain
 from specmesh.kernels.runner import ForwardItem
 from specmesh.kernels.sampling import SamplingConfig
@@ -126,6 +127,16 @@ class DraftEngine(SequenceEngine):
                 g.extend_chain(tokens)
             return True
 
+        if isinstance(self.chain, ChainRunner) and self.chain.samples_in_c():
+            tokens, q = self.chain.run_sampled(self.kv, seq_ids, first, steps,
+                                               _draws(growers, steps, self.chain))
+            for g, toks, rows in zip(growers, tokens, q.numpy()):
+                if g.sampling.greedy:
+                    g.extend_chain(toks)
+                else:
+                    g.extend_sampled(toks, rows)
+            return True
+
         def choose(logits):  # [B, vocab]
             for row, g in enumerate(growers):
                 g.grow(logits[row:row + 1])
@@ -170,3 +181,16 @@ class DraftEngine(SequenceEngine):
                                     f"{no_room.free} free")
         return fwd, step.num_cached - synced
 
+
+def _draws(growers: list[TreeGrower], steps: int, chain: ChainRunner) -> ChainDraws:
+    """Each row's sampling settings and its `steps` depths of exponentials, drawn now from
+    its generator in the order the depth-by-depth path would draw them."""
+    vocab = chain.model.config.vocab_size
+    expo = torch.zeros(len(growers), steps, vocab, dtype=torch.float64)  # [B, steps, vocab]
+    for row, g in enumerate(growers):
+        if not g.sampling.greedy:
+            expo[row].view(-1).exponential_(generator=g.generator)
+    greedy = [g.sampling.greedy for g in growers]
+    return ChainDraws([0.0 if z else g.sampling.temperature for g, z in zip(growers, greedy)],
+                      [g.sampling.top_p for g in growers], [g.sampling.top_k for g in growers],
+                      expo)

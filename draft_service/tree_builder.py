@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specmesh.kernels.sampling import (
-    SamplingConfig,
-    sample_without_replacement,
-    warp_logits_to_probs,
-)
+from specmesh.draft_service import draft_sampling
+from specmesh.kernels.sampling import SamplingConfig, warp_logits_to_probs
 from specmesh.wire.tree_spec import TreeSpec
 
 
@@ -80,6 +77,16 @@ class TreeGrower:
             self.frontier = [len(self.tokens) - 1]
             self.depth += 1
 
+    def extend_sampled(self, tokens: list[int], q: np.ndarray) -> None:
+        """Append a sampled chain's next nodes, drawn outside (`kernels.cpu_chain`): tokens[s]
+        from q[s] [vocab], the fp16 distribution it was drawn from (kept for the verifier)."""
+        for tok, row in zip(tokens, q):
+            parent = self.frontier[-1]
+            support = np.flatnonzero(row > 0)
+            self.dists[parent + 1] = (support.astype(np.int32), row[support].astype(np.float16))
+            self.frontier = self._add([parent], [[tok]], row[None])
+            self.depth += 1
+
     def grow(self, logits: torch.Tensor) -> None:
         """logits [len(frontier), vocab]: choose the next depth's nodes."""
         self.frontier = self._expand(self.frontier, logits)
@@ -88,21 +95,37 @@ class TreeGrower:
     def _expand(self, parents: list[int], logits: torch.Tensor) -> list[int]:
         if logits.device.type != "cpu":  # a GPU's rows: the request's generator, the wire
             logits = logits.cpu()  # format and the tree's bookkeeping live on the CPU
+        if not self.sampling.greedy:
+            return self._expand_sampled(parents, logits)
         q = draft_distribution(logits, self.sampling)  # [P, vocab]
         counts = self._counts(parents, q)
-        new_nodes = []
+        children = [torch.topk(q[row], k).indices.tolist() if k else []
+                    for row, k in enumerate(counts)]
+        return self._add(parents, children, q.numpy())
+
+    def _expand_sampled(self, parents: list[int], logits: torch.Tensor) -> list[int]:
+        """k draws without replacement per parent from its fp16 draft distribution, which is
+        kept (sparse) for the verifier; numpy, one row's ops cost microseconds
+        (`draft_service.draft_sampling`)."""
+        q = draft_sampling.draft_probs(logits.float().numpy(), self.sampling)  # [P, vocab]
+        counts = self._counts(parents, torch.from_numpy(q))
+        children = []
         for row, (parent, k) in enumerate(zip(parents, counts)):
-            if k == 0:
-                continue
-            if self.sampling.greedy:
-                children = torch.topk(q[row], k).indices
-            else:
-                children = sample_without_replacement(q[row], k, self.generator)
-                support = torch.nonzero(q[row] > 0).squeeze(-1)
-                self.dists[parent + 1] = (support.numpy().astype(np.int32),
-                                          q[row, support].half().numpy())
+            if k:
+                support = np.flatnonzero(q[row] > 0)
+                self.dists[parent + 1] = (support.astype(np.int32),
+                                          q[row, support].astype(np.float16))
+            children.append(draft_sampling.race(q[row], k, self.generator).tolist()
+                            if k else [])
+        return self._add(parents, children, q)
+
+    def _add(self, parents: list[int], children: list[list[int]], q: np.ndarray) -> list[int]:
+        """Append each parent's chosen children (q [P, vocab]: their log-probability joins the
+        path's); returns the new nodes."""
+        new_nodes = []
+        for row, (parent, toks) in enumerate(zip(parents, children)):
             base = 0.0 if parent < 0 else self.logcum[parent]
-            for tok in children.tolist():
+            for tok in toks:
                 new_nodes.append(len(self.tokens))
                 self.tokens.append(int(tok))
                 self.parents.append(parent)

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +33,30 @@ class _Chain(ctypes.Structure):
                                              "lm_stream")]
                 + [("layer_floats", ctypes.c_int64)]
                 + [(n, _P) for n in ("embed", "norm_w", "lm_head", "rope_cos", "rope_sin",
-                                     "weights", "tokens", "positions", "out", "x", "logits")])
+                                     "weights", "tokens", "positions", "out", "x", "logits",
+                                     "expo", "temperature", "top_p_tail", "top_k", "q_out",
+                                     "scores", "order")])
+
+SAMPLED_MAX_VOCAB = 16384  # past this one thread's sort per depth costs more than torch's
+
+
+@dataclass
+class ChainDraws:
+    """How each row of a chain run chooses its tokens when some rows sample (`run_sampled`)."""
+
+    temperature: list[float]  # per row; 0 = greedy (argmax)
+    top_p: list[float]
+    top_k: list[int]
+    expo: torch.Tensor  # [B, steps, vocab] float64: each sampled row's exponentials, in draw
+    # order from its generator (what `sample_without_replacement` would draw depth by depth)
+    q_out: torch.Tensor | None = None  # [B, steps, vocab] float32, filled by the run
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(temperature [B] f32, top-p tail [B] f32, top_k [B] i32): the C struct's arrays."""
+        tail = [float(1.0 - p) if p < 1.0 else 0.0 for p in self.top_p]
+        return (torch.tensor(self.temperature, dtype=torch.float32),
+                torch.tensor(tail, dtype=torch.float32),
+                torch.tensor(self.top_k, dtype=torch.int32))
 
 
 @functools.cache
@@ -74,8 +98,35 @@ class ChainRunner:
         last = max(kv.num_tokens(s) for s in seq_ids) + steps
         return self.model.fused_layers is self.fused and last <= self.model.rope.cos.shape[0]
 
+    def run_sampled(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
+                    draws: ChainDraws) -> tuple[list[list[int]], torch.Tensor]:
+        """As `run`, all depths in one C call, each row choosing as `draws` says: greedy rows
+        the argmax, sampled rows a draw from their warped, fp16-rounded distribution. Returns
+        the tokens and q [B, steps, vocab] float32, the distribution of each sampled draw
+        (zeros on greedy rows)."""
+        q = torch.zeros(len(seq_ids), steps, self.model.config.vocab_size)
+        draws.q_out = q
+        return self.run(kv, seq_ids, first, steps, draws=draws), q
+
+    def samples_in_c(self) -> bool:
+        """`run_sampled` serves this model's vocabulary (SPECMESH_CPU_CHAIN_SAMPLED=0: no,
+        for A/B; sampled chains then run one C call per depth)."""
+        return (self.model.config.vocab_size <= SAMPLED_MAX_VOCAB
+                and os.environ.get("SPECMESH_CPU_CHAIN_SAMPLED", "1") != "0")
+
+    @staticmethod
+    def _sampled_args(draws: ChainDraws | None, b: int, steps: int, vocab: int) -> list:
+        """The C struct's sampling arrays (all None: greedy)."""
+        if draws is None:
+            return [None] * 7
+        assert tuple(draws.expo.shape) == (b, steps, vocab) and draws.expo.dtype == torch.float64
+        temperature, tail, top_k = draws.tensors()
+        return [draws.expo.contiguous(), temperature, tail, top_k, draws.q_out,
+                torch.empty(vocab), torch.empty(vocab, dtype=torch.int32)]
+
     def run(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
-            choose: Callable[[torch.Tensor], list[int]] | None = None) -> list[list[int]]:
+            choose: Callable[[torch.Tensor], list[int]] | None = None,
+            draws: ChainDraws | None = None) -> list[list[int]]:
         """Feed first[b] at the end of sequence b's KV, then `steps` depths; returns each
         sequence's `steps` next tokens. Greedy (`choose` None): the argmax of each depth's
         logits, all depths in one C call. Else `choose(logits [B, vocab]) -> B tokens` picks
@@ -96,12 +147,14 @@ class ChainRunner:
         logits = torch.empty(b, vocab)  # [B, vocab]
         fwd, keep = self._forward(b, block_tables, kv)
         head = m.lm_head
+        sampled = self._sampled_args(draws, b, steps, vocab)
         chain = _Chain(b, per_call, vocab, len(f._weights), m.rope.cos.shape[0],
                        int(getattr(head, "stream_weights", False)), kv.k[0].numel(),
                        m.model.embed_tokens.weight.data_ptr(), m.model.norm.weight.data_ptr(),
                        head.weight_f16.data_ptr(), m.rope.cos.data_ptr(), m.rope.sin.data_ptr(),
                        ctypes.addressof(self.layer_array), tokens.data_ptr(),
-                       positions.data_ptr(), out.data_ptr(), x.data_ptr(), logits.data_ptr())
+                       positions.data_ptr(), out.data_ptr(), x.data_ptr(), logits.data_ptr(),
+                       *[t.data_ptr() if t is not None else None for t in sampled])
         chosen: list[list[int]] = [[] for _ in range(b)]
         for _ in range(steps // per_call):
             self._call(chain, fwd, kv)

@@ -92,3 +92,35 @@ def test_draft_engine_proposes_the_same_chains(models, temperature):
         runs.append(out)
     assert runs[0] == runs[1] and len(runs[0][0][0]) == 5
     assert bool(runs[0][0][3]) == (temperature > 0)  # sampling: the draft distributions
+
+
+@needs_kernels
+def test_sampled_chains_run_in_one_c_call(models, monkeypatch):
+    """A batch mixing a greedy row and sampled rows (top-k, top-p) takes `run_sampled` (all
+    depths in one C call) and proposes what the depth-by-depth Python path proposes."""
+    from specmesh.draft_service.engine import DraftEngine, ProposeItem
+    from specmesh.kernels import load_for_service
+    from specmesh.kernels.sampling import SamplingConfig
+    from specmesh.model_service.config import EngineConfig
+    from specmesh.wire.tree_spec import TreeSpec
+
+    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", None)
+    engines = [DraftEngine(loaded, EngineConfig()) for _ in range(2)]
+    engines[1].chain = None  # the Python path
+    calls = []
+    real = cpu_chain.ChainRunner.run_sampled
+    monkeypatch.setattr(cpu_chain.ChainRunner, "run_sampled",
+                        lambda self, *a: calls.append(a[3]) or real(self, *a))
+    configs = [SamplingConfig(), SamplingConfig(0.8, 0.9, 20), SamplingConfig(1.2, 1.0),
+               SamplingConfig(0.6, 0.5)]
+    prompts = [[1, 403, 407, 261], [1, 9, 88, 301, 5], [1, 44, 45], [1, 403, 261, 385, 64]]
+    runs = []
+    for engine in engines:
+        res = engine.propose_batch([ProposeItem(
+            seq_id=f"s{i}", num_cached_tokens=0, new_tokens=p, spec=TreeSpec.parse("chain:6"),
+            seed=11 + i, sampling=cfg) for i, (p, cfg) in enumerate(zip(prompts, configs))])
+        runs.append([(r.tokens, r.parents, [d if d is None else (d[0].tolist(), d[1].tolist())
+                                             for d in r.draft_dists]) for r in res])
+    assert calls == [5]  # one C call for the five depths after the root, all four rows
+    assert runs[0] == runs[1]
+    assert not runs[0][0][2] and all(len(r[2]) == 7 for r in runs[0][1:])
