@@ -39,11 +39,11 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         super().__init__(engine, worker, prefix, metrics)
         self.ngram = ngram or NgramDrafter()
 
-    async def submit(self, item: ProposeItem):
+    async def submit(self, item: ProposeItem, caller=None):
         if item.spec.model_free or self.engine is None:
             await self.ngram.prepare(item)
             return self.ngram.propose(item)
-        return await super().submit(item)
+        return await super().submit(item, caller)
 
     async def release_finished(self, seq_ids, owner: str) -> int:
         n = self.ngram.release([scope(owner, s) for s in seq_ids])

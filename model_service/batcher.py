@@ -42,6 +42,7 @@ class _Pending(Generic[Item]):
     item: Item
     cost: int
     future: asyncio.Future
+    caller: Any = None  # items of one caller (a batched RPC) share it; None: its own
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -63,8 +64,9 @@ class DynamicBatcher(Generic[Item, Result]):
         max_batch_tokens: a batch's total cost never exceeds this (except a lone big item).
         max_wait_ms: how long a batch waits for company after its first item.
         on_batch: called after every batch with (num_items, num_tokens, seconds of run_batch).
-        wait_only_when_busy: wait for company only if the previous batch held more than one
-            item, so a lone caller runs at once (items queued during a run join the next batch).
+        wait_only_when_busy: wait for company only if the previous batch came from more than
+            one caller, so a lone caller runs at once (items queued during a run join the next
+            batch); the items of one batched RPC, submitted with one `caller`, are one caller.
         executor: the single-thread executor to run on (shared with `call`); owned if None.
         """
         if max_batch_tokens <= 0:
@@ -84,7 +86,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
-        self._last_batch_size = 0
+        self._last_batch_callers = 0
         self.num_batches = 0
         self.num_items = 0
         self.num_tokens = 0
@@ -128,8 +130,9 @@ class DynamicBatcher(Generic[Item, Result]):
             self._executor.shutdown(wait=False)
 
     # -- callers ---------------------------------------------------------------------------
-    async def submit(self, item: Item) -> Result:
-        """Queue `item`, wait for its batch, return its result (or raise its exception)."""
+    async def submit(self, item: Item, caller: Any = None) -> Result:
+        """Queue `item`, wait for its batch, return its result (or raise its exception).
+        `caller`: any hashable shared by the items that one caller submits together."""
         if self._closing:
             raise BatcherClosed("batcher is stopped")
         cost = int(self._cost(item))
@@ -137,7 +140,7 @@ class DynamicBatcher(Generic[Item, Result]):
             raise ValueError(f"cost: {cost} must be >= 0")
         await self.start()
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(item, cost, future))
+        self._pending.append(_Pending(item, cost, future, caller))
         self._wake.set()
         return await future
 
@@ -179,7 +182,7 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _collect(self, first: _Pending) -> list[_Pending]:
         loop = asyncio.get_running_loop()
         wait = self.max_wait_s
-        if self._closing or (self._wait_only_when_busy and self._last_batch_size <= 1):
+        if self._closing or (self._wait_only_when_busy and self._last_batch_callers <= 1):
             wait = 0.0
         deadline = loop.time() + wait
         batch, tokens = [first], first.cost
@@ -212,7 +215,8 @@ class DynamicBatcher(Generic[Item, Result]):
         except Exception as exc:  # noqa: BLE001 - the whole batch failed: tell every caller
             results = [exc] * len(live)
         seconds = time.perf_counter() - start
-        self._last_batch_size = len(live)
+        self._last_batch_callers = len({p.future if p.caller is None else p.caller
+                                        for p in live})
         self.num_batches += 1
         self.num_items += len(live)
         self.num_tokens += tokens

@@ -76,13 +76,14 @@ class ModelServicer:
         """A batched RPC: one outcome (result or exception) per item, in order."""
         owner = caller_identity(context)
         await self.release_finished(request.finished_sequence_ids, owner)
+        caller = object()  # its items are one caller to the batcher: no waiting for company
         return await run_items(request.requests, lambda req: owned(to_item(req), owner),
-                               self.submit)
+                               lambda item: self.submit(item, caller))
 
-    async def submit(self, item):
+    async def submit(self, item, caller=None):
         if self.prefix is None:
-            return await self.worker.submit(item)
-        return await self.prefix.submit(self.worker.submit, item)
+            return await self.worker.submit(item, caller)
+        return await self.prefix.submit(lambda it: self.worker.submit(it, caller), item)
 
     async def release_finished(self, seq_ids: Sequence[str], owner: str) -> int:
         """Free the caller's own sequences among `seq_ids` (another caller's ids name nothing)."""

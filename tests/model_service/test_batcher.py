@@ -185,6 +185,25 @@ async def test_wait_only_when_busy_runs_a_lone_caller_at_once():
     await batcher.stop()
 
 
+async def test_one_callers_items_do_not_wait_for_company():
+    """A batched RPC's items (one caller) run at once, round after round; two callers in the
+    last batch make the next one wait for company."""
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, max_wait_ms=400, wait_only_when_busy=True)
+    rpc = object()
+    for _ in range(3):
+        t0 = time.perf_counter()
+        assert await asyncio.gather(*(batcher.submit(i, rpc) for i in range(4))) == [0, 10, 20, 30]
+        assert time.perf_counter() - t0 < 0.2
+    assert rec.batches == [[0, 1, 2, 3]] * 3
+    a, b = object(), object()
+    await asyncio.gather(batcher.submit(1, a), batcher.submit(2, b))  # two callers ...
+    t0 = time.perf_counter()
+    await batcher.submit(3, a)  # ... so this batch waits for company
+    assert time.perf_counter() - t0 >= 0.35
+    await batcher.stop()
+
+
 async def test_on_batch_failure_is_logged_not_fatal():
     def bad_callback(n, t, s):
         raise RuntimeError("metrics down")
