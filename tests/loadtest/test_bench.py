@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from specmesh.loadtest.bench import parse_specs
-from specmesh.loadtest.bench_report import format_table
+from specmesh.loadtest.bench_report import format_report, format_table
 from specmesh.loadtest.bench_results import (
     HF_ASSISTED,
     HF_TARGET,
@@ -83,6 +83,20 @@ def test_check_outputs_finds_each_kind_of_mismatch():
     assert check.counts["batching"] == 1 and check.counts["short"] == 1
     assert check.counts["spec_vs_target"] == 2 and check.counts["hf_vs_ours"] == 0
     assert any("at token 1" in d for d in check.details)
+
+
+def test_hf_differences_in_bf16_are_listed_not_counted():
+    ref = {0: [1, 2, 3]}
+    runs = [_run("specmesh", TARGET, "", 1, ref),
+            _run("specmesh", SPEC, "chain:4", 1, {0: [1, 2, 8]}),
+            _run("hf", HF_TARGET, "", 1, {0: [1, 7, 3]}),
+            _run("hf", HF_ASSISTED, "draft", 1, {0: [1, 7, 3]})]
+    check = check_outputs(runs, 3, hf_exact=False)
+    assert check.total == 1 and check.counts["spec_vs_target"] == 1  # ours: still exact
+    assert len(check.uncounted) == 2 and all("at token 1" in d for d in check.uncounted)
+    assert check_outputs(runs, 3).total == 3  # fp32: HF counts too
+    report = format_report("t", [r.row for r in runs], [], check, {})
+    assert "not counted" in report and "OUTPUT MISMATCHES" in report
 
 
 def test_bench_tiny_pair_end_to_end(models, tmp_path):
