@@ -49,6 +49,11 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    "feeds the fleet n-gram table in the cache's Redis (keyed by the target model)")
     p.add_argument("--secure", action="store_true", help="a local stack with TLS, bearer tokens "
                    "and a cache MAC key (a throwaway CA and secrets, deleted with the stack)")
+    p.add_argument("--device", default="cpu", help="torch device of the local stack's model "
+                   "services: cpu, or cuda on a GPU (CUDA graphs, the tree-attention kernel)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="weights/KV dtype of the local stack's model services (default "
+                        "float32; bfloat16 on a GPU)")
 
 
 def _ngram_fleet(args: argparse.Namespace) -> bool:
@@ -97,7 +102,8 @@ async def _generate(args: argparse.Namespace) -> int:
         stack = LocalStack(target, None if not params.speculate else draft,
                            draft_method=_draft_method(draft) if params.speculate else "model",
                            cache=not args.no_cache, redis_url=args.redis_url, quiet=args.json,
-                           secure=args.secure, ngram_fleet=_ngram_fleet(args))
+                           secure=args.secure, ngram_fleet=_ngram_fleet(args),
+                           device=args.device, dtype=args.dtype)
         await stack.__aenter__()
         verify_addr, draft_addr, cache_addr = stack.verify_addr, stack.draft_addr, stack.cache_addr
     # a stack of our own: this process is one of its fleet (it may write the result cache)
@@ -138,7 +144,8 @@ async def _up(args: argparse.Namespace) -> int:
     async with LocalStack(target, draft, draft_method=_draft_method(draft),
                           cache=not args.no_cache, redis_url=args.redis_url,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                          secure=args.secure, ngram_fleet=_ngram_fleet(args)) as stack:
+                          secure=args.secure, ngram_fleet=_ngram_fleet(args),
+                          device=args.device, dtype=args.dtype) as stack:
         gw_args = ["specmesh.clients.gateway", "--verify-addr", stack.verify_addr, "--draft-addr",
                    stack.draft_addr, "--tokenizer", str(target), "--port", str(args.port),
                    "--tree", tree, "--http-port", str(args.http_port),

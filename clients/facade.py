@@ -160,13 +160,15 @@ async def _connected(target, kwargs) -> AsyncClient:
 
 @contextlib.contextmanager
 def launch(target: str | pathlib.Path | None = None, draft: str | pathlib.Path | None = None,
-           cache: bool = False, ngram_fleet: bool = False) -> Iterator[Client]:
+           cache: bool = False, ngram_fleet: bool = False, device: str = "cpu",
+           dtype: str | None = None) -> Iterator[Client]:
     """Start a local stack (verify, draft, optionally the cache with an embedded Redis) as
     subprocesses, yield a Client on it, stop everything on exit. `target`/`draft`: model
     folders or names under $SPECMESH_MODEL_DIR (default: the bundled pair); draft="ngram"
     drafts by n-gram lookup, no draft model (any tree spec then sizes its n-gram tree).
     `ngram_fleet` (with `cache`): n-gram trees also draw on the fleet table in Redis, keyed by
-    the target model (`specmesh.clients.model_key`)."""
+    the target model (`specmesh.clients.model_key`). `device`/`dtype`: where and in what
+    precision both model services run (`device="cuda", dtype="bfloat16"` on a GPU)."""
     if ngram_fleet and not cache:
         raise ValueError("ngram_fleet: the fleet n-gram table lives in the cache; pass cache=True")
     from specmesh.clients.local_stack import LocalStack
@@ -175,5 +177,6 @@ def launch(target: str | pathlib.Path | None = None, draft: str | pathlib.Path |
     target_dir, draft_dir = resolve_pair(target and str(target), draft and str(draft))
     method = "ngram" if draft_dir is None else "model"  # draft="ngram": model-free drafting
     with Client(stack=LocalStack(target_dir, draft_dir, draft_method=method,
-                                 cache=cache, ngram_fleet=ngram_fleet)) as client:
+                                 cache=cache, ngram_fleet=ngram_fleet, device=device,
+                                 dtype=dtype)) as client:
         yield client

@@ -179,6 +179,10 @@ class LocalStack:
     redis_url: str | None = None
     """Redis for the cache service; None = an embedded redis-server from PATH."""
     extra_cache_args: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    """torch device of both model services ('cuda', 'cuda:1')."""
+    dtype: str | None = None
+    """Weights/KV dtype of both model services (float32, float16, bfloat16); None = theirs."""
     ngram_fleet: bool = False
     """The draft service also reads and feeds the fleet n-gram table in the cache service's
     Redis, keyed by `model_key(target_dir)` (needs the cache; ignored without one)."""
@@ -209,6 +213,10 @@ class LocalStack:
     def cache_addr(self) -> str | None:
         """host:port of the cache service; None when the stack runs without one."""
         return self.services["cache"].address if "cache" in self.services else None
+
+    def model_args(self) -> list[str]:
+        """The --device/--dtype flags both model services take."""
+        return ["--device", self.device] + (["--dtype", self.dtype] if self.dtype else [])
 
     def security_args(self) -> list[str]:
         """The TLS / token / cache-key flags every service (and a gateway) of the stack takes."""
@@ -243,7 +251,7 @@ class LocalStack:
             self.services["verify"] = ServiceProcess("verify", [
                 "specmesh.verify_service", "--model", str(self.target_dir), "--port", "0",
                 *cache_args, *self.metrics_args("verify"), *self.security_args(),
-                *self.extra_verify_args], security=self.service_security())
+                *self.model_args(), *self.extra_verify_args], security=self.service_security())
             if self.draft_method == "ngram" or self.draft_dir is not None:
                 what = (["--method", "ngram"] if self.draft_method == "ngram"
                         else ["--model", str(self.draft_dir)])
@@ -252,7 +260,8 @@ class LocalStack:
                 self.services["draft"] = ServiceProcess("draft", [
                     "specmesh.draft_service", *what, "--port", "0",
                     *cache_args, *self.metrics_args("draft"), *self.security_args(),
-                    *self.extra_draft_args], security=self.service_security())
+                    *self.model_args(), *self.extra_draft_args],
+                    security=self.service_security())
             starting = [s for name, s in self.services.items() if name != "cache"]
             with progress(total=len(starting), desc="starting services", unit="service",
                           quiet=self.quiet) as bar:

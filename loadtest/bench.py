@@ -165,11 +165,10 @@ def _measure(args: argparse.Namespace, target: pathlib.Path, draft: pathlib.Path
     texts = [texts[i % len(texts)] for i in range(num_needed)]
     prompts = (chat_prompts(target, texts, codec) if args.chat
                else [codec.encode(t) for t in texts])
-    service_args = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     runs = asyncio.run(run_stack(target, draft, prompts, concurrencies, specs,
                                  args.max_new_tokens, args.num_prompts, args.repeats, _log,
                                  args.temperature, args.top_p, quiet=args.json,
-                                 service_args=service_args))
+                                 device=args.device, dtype=args.dtype))
     if not args.no_hf and args.temperature == 0:
         from specmesh.loadtest.bench_hf import run_hf  # torch + transformers only when asked
 

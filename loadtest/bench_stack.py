@@ -100,21 +100,20 @@ async def run_stack(target: pathlib.Path, draft: pathlib.Path, prompts: list[lis
                     concurrencies: list[int], specs: list[SpecConfig], max_new_tokens: int,
                     num_prompts: int, repeats: int, log: Callable[[str], None],
                     temperature: float = 0.0, top_p: float = 1.0,
-                    quiet: bool = False, service_args: list[str] | None = None,
+                    quiet: bool = False, device: str = "cpu", dtype: str | None = None,
                     ) -> list[ModeRun]:
     """Every mode at every concurrency. A level runs max(c, num_prompts) requests; concurrency
     is the outer loop and the modes alternate `repeats` times within it, so a noisy stretch of
     time hits the modes being compared alike (their requests and wall times are pooled).
-    `service_args` go to both model services (`--device cuda --dtype bfloat16`)."""
+    `device`/`dtype`: both model services' (`cuda`, `bfloat16`)."""
     modes = [StackMode(TARGET, None, temperature, top_p)] + [
         StackMode(SPEC, s, temperature, top_p) for s in specs]
     runs = []
     log(f"starting stack: target {target.name}, draft {draft.name if draft else 'ngram'}")
     total = repeats * len(modes) * sum(max(c, num_prompts) for c in concurrencies)
     method = "ngram" if draft is None else "model"  # draft None: model-free n-gram drafting
-    extra = list(service_args or [])
-    async with LocalStack(target, draft, draft_method=method, quiet=quiet,
-                          extra_verify_args=extra, extra_draft_args=extra) as stack, \
+    async with LocalStack(target, draft, draft_method=method, quiet=quiet, device=device,
+                          dtype=dtype) as stack, \
             AsyncSpecMeshClient(stack.verify_addr, stack.draft_addr) as client:
         bar = progress(total=total, desc="specmesh requests", unit="req", quiet=quiet)
         for mode in modes:  # warm-up: one short request per mode

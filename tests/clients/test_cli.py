@@ -35,6 +35,17 @@ def test_generate_json_spec_and_no_spec_agree(models):
     assert spec["tree"] == "chain:4"
 
 
+def test_device_and_dtype_reach_the_model_services(models):
+    """--device/--dtype go to both model services of the local stack (on a GPU: --device cuda
+    --dtype bfloat16); explicit CPU float32 gives the default's tokens."""
+    spec = run_cli(models, "--max-new-tokens", "16", "--device", "cpu", "--dtype", "float32",
+                   "--no-cache")
+    assert spec["text"].startswith(", there was a little girl named Lily")
+    bad = subprocess.run(["specmesh", "generate", "hi", "--dtype", "float8"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--dtype" in bad.stderr
+
+
 def test_stop_string_cuts_the_same_text_in_every_mode(models):
     runs = [run_cli(models, "--max-new-tokens", "60", "--stop", "Lily", *mode)
             for mode in (["--no-spec"], ["--k", "4"], ["--tree", "dynamic:8"])]
