@@ -109,33 +109,33 @@ class DraftEngine(SequenceEngine):
                 g.grow(out.logits)
 
     def _run_chain(self, growers: list[TreeGrower], seq_ids: list[str], steps: int) -> bool:
-        """The chains' remaining depths through `kernels.cpu_chain` (greedy ones wholly in C,
-        sampled ones drawing each depth's token from its logits, `TreeGrower.grow`) or, on a
-        GPU, `kernels.cuda_chain` (greedy). False: the CUDA graph failed (logged, turned off)
-        and nothing was run: the caller runs the depths one forward each."""
+        """The chains' remaining depths in one call where the chain runner can (greedy rows the
+        argmax, sampled rows a draw from pre-drawn exponentials): `kernels.cpu_chain` in C,
+        `kernels.cuda_chain` in one CUDA graph; else (a large vocabulary on the CPU) one C call
+        per depth, each depth's tokens drawn in Python (`TreeGrower.grow`). False: the CUDA
+        graph failed (logged, turned off) and nothing was run: the caller runs the depths one
+        forward each."""
         first = [g.tokens[g.frontier[-1]] for g in growers]
-        if all(g.sampling.greedy for g in growers):
-            try:
-                chosen = self.chain.run(self.kv, seq_ids, first, steps)
-            except Exception:
-                if not isinstance(self.chain, CudaChain):
-                    raise
-                log.exception("draft chain CUDA graph failed: chains run depth by depth")
-                self.chain = None
-                return False
-            for g, tokens in zip(growers, chosen):
-                g.extend_chain(tokens)
-            return True
-
-        if isinstance(self.chain, ChainRunner) and self.chain.samples_in_c():
-            tokens, q = self.chain.run_sampled(self.kv, seq_ids, first, steps,
-                                               _draws(growers, steps, self.chain))
-            for g, toks, rows in zip(growers, tokens, q.numpy()):
-                if g.sampling.greedy:
-                    g.extend_chain(toks)
-                else:
-                    g.extend_sampled(toks, rows)
-            return True
+        try:
+            if all(g.sampling.greedy for g in growers):
+                for g, tokens in zip(growers, self.chain.run(self.kv, seq_ids, first, steps)):
+                    g.extend_chain(tokens)
+                return True
+            if self.chain.samples_in_one_call():
+                draws = _draws(growers, steps, self.loaded.config.vocab_size)
+                tokens, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws)
+                for g, toks, rows in zip(growers, tokens, q.numpy()):
+                    if g.sampling.greedy:
+                        g.extend_chain(toks)
+                    else:
+                        g.extend_sampled(toks, rows)
+                return True
+        except Exception:
+            if not isinstance(self.chain, CudaChain):
+                raise
+            log.exception("draft chain CUDA graph failed: chains run depth by depth")
+            self.chain = None
+            return False
 
         def choose(logits):  # [B, vocab]
             for row, g in enumerate(growers):
@@ -182,10 +182,9 @@ class DraftEngine(SequenceEngine):
         return fwd, step.num_cached - synced
 
 
-def _draws(growers: list[TreeGrower], steps: int, chain: ChainRunner) -> ChainDraws:
+def _draws(growers: list[TreeGrower], steps: int, vocab: int) -> ChainDraws:
     """Each row's sampling settings and its `steps` depths of exponentials, drawn now from
     its generator in the order the depth-by-depth path would draw them."""
-    vocab = chain.model.config.vocab_size
     expo = torch.zeros(len(growers), steps, vocab, dtype=torch.float64)  # [B, steps, vocab]
     for row, g in enumerate(growers):
         if not g.sampling.greedy:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -180,20 +181,62 @@ def _draft_engines(models):
     return engine, plain
 
 
-def _propose(engine):
+def _propose(engine, sampling=()):
+    """Two chains (sampling: one greedy row, then each config given); tokens, parents, the
+    draft distributions sent."""
     from specmesh.draft_service.engine import ProposeItem
+    from specmesh.kernels.sampling import SamplingConfig
     from specmesh.wire.tree_spec import TreeSpec
 
-    items = [ProposeItem(seq_id=s, num_cached_tokens=0, new_tokens=p, spec=TreeSpec.parse(t))
-             for s, p, t in (("a", [1, 403, 261, 385], "chain:5"), ("b", [1, 9, 88], "chain:5"))]
-    return [(r.tokens, r.parents, r.num_cached_tokens) for r in engine.propose_batch(items)]
+    configs = [SamplingConfig(), *sampling] if sampling else [SamplingConfig()] * 2
+    prompts = [[1, 403, 261, 385], [1, 9, 88], [1, 44, 45, 46]]
+    items = [ProposeItem(seq_id=f"s{i}", num_cached_tokens=0, new_tokens=prompts[i],
+                         spec=TreeSpec.parse("chain:5"), sampling=cfg, seed=5 + i)
+             for i, cfg in enumerate(configs)]
+    return [(r.tokens, r.parents, r.num_cached_tokens,
+             [d if d is None else (d[0].tolist(), np.round(d[1].astype(np.float32), 3).tolist())
+              for d in r.draft_dists]) for r in engine.propose_batch(items)]
 
 
 @pytest.mark.models
 def test_draft_engine_chains_through_the_chain_graph(models):
     engine, plain = _draft_engines(models)
     assert _propose(engine) == _propose(plain)
-    assert (2, 4) in engine.chain.chains  # both chains' last 4 depths in one graph
+    assert (2, 4, False) in engine.chain.chains  # both chains' last 4 depths in one graph
+
+
+@pytest.mark.models
+def test_draft_engine_samples_chains_through_the_chain_graph(models):
+    """Sampled rows (top-p, top-k, a greedy row beside them) draw on the device path, in one
+    graph, what the depth-by-depth path draws from the same generators."""
+    from specmesh.kernels.sampling import SamplingConfig
+
+    engine, plain = _draft_engines(models)
+    sampling = (SamplingConfig(0.8, 0.95), SamplingConfig(1.1, 0.9, 30))
+    got, want = _propose(engine, sampling), _propose(plain, sampling)
+    assert got == want
+    assert (4, 4, True) in engine.chain.chains and all(len(r[3]) == 6 for r in got[1:])
+
+
+def test_device_sampling_matches_the_draft_numpy_path():
+    from specmesh.draft_service import draft_sampling
+    from specmesh.kernels.device_sampling import sample_rows
+    from specmesh.kernels.sampling import SamplingConfig
+
+    configs = [SamplingConfig(0.8, 0.95), SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.5, 20),
+               SamplingConfig(1.3, 1.0, 3), SamplingConfig()]
+    logits = torch.randn(len(configs), 300, generator=torch.Generator().manual_seed(4)) * 3
+    expo = torch.empty(len(configs), 300, dtype=torch.float64).exponential_(
+        generator=torch.Generator().manual_seed(9))
+    tokens, q = sample_rows(logits, expo, torch.tensor([c.temperature for c in configs]),
+                            torch.tensor([1 - c.top_p if c.top_p < 1 else 0.0 for c in configs]),
+                            torch.tensor([c.top_k for c in configs]))
+    for row, cfg in enumerate(configs[:-1]):
+        want = draft_sampling.draft_probs(logits[row:row + 1].numpy(), cfg)[0]
+        np.testing.assert_allclose(q[row].numpy(), want, atol=1e-6)
+        with np.errstate(divide="ignore"):
+            assert int(tokens[row]) == int(np.argmin(expo[row].numpy() / want))
+    assert int(tokens[-1]) == int(logits[-1].argmax()) and not q[-1].any()  # greedy row
 
 
 @pytest.mark.models
@@ -205,3 +248,32 @@ def test_draft_engine_falls_back_when_the_chain_graph_fails(models, monkeypatch)
     monkeypatch.setattr(CudaChain, "_forward", broken)
     assert _propose(engine) == _propose(plain)
     assert engine.chain is None  # turned off, logged; depths run one forward each
+
+
+@pytest.mark.gpu
+def test_captured_sampled_chain_equals_its_eager_run_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from specmesh.kernels.cpu_chain import ChainDraws
+
+    _random_model(tmp_path)
+    loaded = load_model(tmp_path, torch.float32, "cuda")
+    results = []
+    for capture in (True, False):
+        runner = _runner(loaded, True)
+        runner.graphs.on_gpu = capture  # False: the same ops run eagerly, nothing captured
+        kv, seqs = runner.kv, {"a": [1, 403, 261, 385], "b": [1, 9, 88, 301, 5]}
+        for seq in seqs:
+            kv.create(seq)
+            kv.reserve(seq, 40)
+        outs = runner.forward([ForwardItem(s, p) for s, p in seqs.items()])
+        first = [int(o.logits[0].argmax()) for o in outs]
+        expo = torch.empty(2, 4, 512, dtype=torch.float64).exponential_(
+            generator=torch.Generator().manual_seed(3))
+        draws = ChainDraws([0.8, 0.0], [0.95, 1.0], [0, 0], expo)
+        results.append(CudaChain(loaded, runner.graphs).run_sampled(kv, list(seqs), first, 4,
+                                                                    draws))
+    (t1, q1), (t2, q2) = results
+    assert t1 == t2
+    torch.testing.assert_close(q1, q2, atol=1e-6, rtol=0)
+    assert q1[0].sum(-1).allclose(torch.ones(4)) and not q1[1].any()  # sampled row, greedy row
