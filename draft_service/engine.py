@@ -121,7 +121,7 @@ class DraftEngine(SequenceEngine):
                 for g, tokens in zip(growers, self.chain.run(self.kv, seq_ids, first, steps)):
                     g.extend_chain(tokens)
                 return True
-            if self.chain.samples_in_one_call():
+            if self.chain.samples_in_one_call(len(growers), steps):
                 draws = _draws(growers, steps, self.loaded.config.vocab_size)
                 tokens, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws)
                 for g, toks, rows in zip(growers, tokens, q.numpy()):
@@ -130,6 +130,8 @@ class DraftEngine(SequenceEngine):
                     else:
                         g.extend_sampled(toks, rows)
                 return True
+            if isinstance(self.chain, CudaChain):
+                return False  # too many exponentials to stage: one graphed forward a depth
         except Exception:
             if not isinstance(self.chain, CudaChain):
                 raise

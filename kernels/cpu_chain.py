@@ -108,7 +108,7 @@ class ChainRunner:
         draws.q_out = q
         return self.run(kv, seq_ids, first, steps, draws=draws), q
 
-    def samples_in_one_call(self) -> bool:
+    def samples_in_one_call(self, num_rows: int, steps: int) -> bool:
         """`run_sampled` serves this model's vocabulary (SPECMESH_CPU_CHAIN_SAMPLED=0: no,
         for A/B; sampled chains then run one C call per depth)."""
         return (self.model.config.vocab_size <= SAMPLED_MAX_VOCAB

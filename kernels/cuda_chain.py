@@ -29,6 +29,7 @@ from specmesh.kernels.loader import LoadedModel
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 MAX_STEPS = 16
+SAMPLED_MAX_BYTES = 64 << 20  # a sampled chain's staged exponentials
 
 
 @dataclass
@@ -69,8 +70,11 @@ class CudaChain:
                 return False
         return True
 
-    def samples_in_one_call(self) -> bool:
-        return True
+    def samples_in_one_call(self, num_rows: int, steps: int) -> bool:
+        """The chain's exponentials (float64, one per row, depth and token) stay under
+        SAMPLED_MAX_BYTES; past that the depths run one (graphed) forward each."""
+        batch = BATCHES[bisect.bisect_left(BATCHES, num_rows)] if num_rows <= BATCHES[-1] else 0
+        return 0 < batch * steps * self.vocab * 8 <= SAMPLED_MAX_BYTES
 
     def run(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
             choose=None) -> list[list[int]]:

@@ -277,3 +277,15 @@ def test_captured_sampled_chain_equals_its_eager_run_on_gpu(tmp_path):
     assert t1 == t2
     torch.testing.assert_close(q1, q2, atol=1e-6, rtol=0)
     assert q1[0].sum(-1).allclose(torch.ones(4)) and not q1[1].any()  # sampled row, greedy row
+
+
+@pytest.mark.models
+def test_sampled_chains_too_big_to_stage_run_depth_by_depth(models, monkeypatch):
+    from specmesh.kernels import cuda_chain
+    from specmesh.kernels.sampling import SamplingConfig
+
+    monkeypatch.setattr(cuda_chain, "SAMPLED_MAX_BYTES", 0)
+    engine, plain = _draft_engines(models)
+    sampling = (SamplingConfig(0.8, 0.95),)
+    assert _propose(engine, sampling) == _propose(plain, sampling)
+    assert engine.chain is not None and not any(k[2] for k in engine.chain.chains)
