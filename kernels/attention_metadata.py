@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 MAX_TREE_NODES = 128
@@ -74,57 +75,65 @@ class SequenceStep:
         return self.num_causal + self.num_tree_queries
 
 
-def _pack_bits(rows: torch.Tensor) -> torch.Tensor:
+def _pack_bits(rows: np.ndarray) -> np.ndarray:
     """[n, n] bool -> [n, MASK_WORDS] int64 with bit m of word m // 64 set where rows[:, m]."""
-    n = rows.shape[0]
-    padded = torch.zeros(n, MAX_TREE_NODES, dtype=torch.int64)
-    padded[:, :n] = rows.to(torch.int64)
-    weights = torch.ones(64, dtype=torch.int64) << torch.arange(64, dtype=torch.int64)
-    return (padded.view(n, MASK_WORDS, 64) * weights).sum(-1)  # wraps into the sign bit: fine
+    padded = np.zeros((rows.shape[0], MAX_TREE_NODES), dtype=bool)
+    padded[:, :rows.shape[1]] = rows
+    packed = np.packbits(padded, axis=1, bitorder="little")  # [n, 16] uint8
+    return packed.view("<u8").astype(np.int64, copy=False).reshape(rows.shape[0], MASK_WORDS)
 
 
 def build_metadata(steps: list[SequenceStep], block_size: int) -> AttentionMetadata:
-    """Pack a batch of SequenceSteps; tree nodes are laid out after each sequence's causal tokens."""
-    max_blocks = max(len(s.block_table) for s in steps)
-    block_tables = torch.zeros(len(steps), max(max_blocks, 1), dtype=torch.int32)
-    seq_lens, tree_starts, cu = [], [], [0]
-    q_seq, q_prefix, slots, masks = [], [], [], []
+    """Pack a batch of SequenceSteps; tree nodes are laid out after each sequence's causal tokens.
+    (numpy, vectorised over the queries: this runs before every forward.)"""
+    num_seqs = len(steps)
+    max_blocks = max(1, max(len(s.block_table) for s in steps))
+    tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)  # [B, max_blocks]
+    cached = np.empty(num_seqs, dtype=np.int64)
+    causal = np.empty(num_seqs, dtype=np.int64)
+    num_tree = np.empty(num_seqs, dtype=np.int64)
+    num_new = np.empty(num_seqs, dtype=np.int64)
     for b, s in enumerate(steps):
         if s.num_tree > MAX_TREE_NODES:
             raise ValueError(f"tree of {s.num_tree} nodes exceeds {MAX_TREE_NODES}")
-        table = torch.tensor(s.block_table, dtype=torch.int64)
-        block_tables[b, : len(s.block_table)] = table.to(torch.int32)
-        start = s.num_cached + s.num_causal
-        total = start + s.num_tree
-        if total > len(s.block_table) * block_size:
-            raise ValueError(f"sequence {b}: {total} positions but {len(s.block_table)} blocks")
-        nodes = (s.tree_query_nodes if s.tree_query_nodes is not None
-                 else torch.arange(s.num_tree, dtype=torch.int64))
-        positions = torch.cat([torch.arange(s.num_cached, start, dtype=torch.int64), start + nodes])
-        slots.append(table[positions // block_size] * block_size + positions % block_size)
-        seq_lens.append(total)
-        tree_starts.append(start)
-        cu.append(cu[-1] + s.num_new)
-        q_seq.append(torch.full((s.num_new,), b, dtype=torch.int64))
-        q_prefix.append(torch.cat([
-            torch.arange(s.num_cached + 1, start + 1, dtype=torch.int32),
-            torch.full((s.num_tree_queries,), start, dtype=torch.int32),
-        ]))
-        mask = torch.zeros(s.num_new, MASK_WORDS, dtype=torch.int64)
-        if s.tree_ancestors is not None:
-            mask[s.num_causal:] = _pack_bits(s.tree_ancestors)[nodes]
-        masks.append(mask)
+        tables[b, :len(s.block_table)] = s.block_table
+        cached[b], causal[b], num_tree[b], num_new[b] = (s.num_cached, s.num_causal, s.num_tree,
+                                                         s.num_new)
+        if s.num_cached + s.num_causal + s.num_tree > len(s.block_table) * block_size:
+            raise ValueError(f"sequence {b}: {s.num_cached + s.num_causal + s.num_tree} "
+                             f"positions but {len(s.block_table)} blocks")
+    starts = cached + causal  # [B] KV position of tree node 0
+    cu = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(num_new, out=cu[1:])
+    q_seq = np.repeat(np.arange(num_seqs), num_new)  # [T]
+    local = np.arange(cu[-1]) - cu[q_seq]  # [T] index within its sequence's queries
+    is_causal = local < causal[q_seq]
+    positions = np.where(is_causal, cached[q_seq] + local, starts[q_seq] + local - causal[q_seq])
+    masks = np.zeros((cu[-1], MASK_WORDS), dtype=np.int64)  # [T, MASK_WORDS]
+    for b, s in enumerate(steps):
+        if s.tree_ancestors is None:
+            continue
+        first, last = cu[b] + s.num_causal, cu[b + 1]
+        bits = _pack_bits(s.tree_ancestors.numpy())
+        if s.tree_query_nodes is not None:  # only these nodes are computed
+            nodes = s.tree_query_nodes.numpy()
+            positions[first:last] = starts[b] + nodes
+            bits = bits[nodes]
+        masks[first:last] = bits
+    slots = tables[q_seq, positions // block_size] * block_size + positions % block_size
+    q_prefix = np.where(is_causal, positions + 1, starts[q_seq])
+    seq_lens = starts + num_tree
     return AttentionMetadata(
-        block_tables=block_tables,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        cu_q_lens=torch.tensor(cu, dtype=torch.int32),
-        q_seq_idx=torch.cat(q_seq),
-        q_prefix_lens=torch.cat(q_prefix),
-        tree_starts=torch.tensor(tree_starts, dtype=torch.int32),
-        tree_masks=torch.cat(masks),
-        slot_mapping=torch.cat(slots),
+        block_tables=torch.from_numpy(tables.astype(np.int32)),
+        seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
+        cu_q_lens=torch.from_numpy(cu.astype(np.int32)),
+        q_seq_idx=torch.from_numpy(q_seq.astype(np.int64)),
+        q_prefix_lens=torch.from_numpy(q_prefix.astype(np.int32)),
+        tree_starts=torch.from_numpy(starts.astype(np.int32)),
+        tree_masks=torch.from_numpy(masks),
+        slot_mapping=torch.from_numpy(slots.astype(np.int64)),
         block_size=block_size,
-        max_seq_len=max(seq_lens),
+        max_seq_len=int(seq_lens.max()),
     )
 
 
