@@ -52,8 +52,10 @@ class ModelRunner:
         On return each sequence's num_tokens covers its causal tokens; tree KV sits in the
         positions after them until the caller commits (`commit_tree_path`) or drops it.
         """
-        steps, tokens, positions, rows = [], [], [], []
-        offset = 0
+        steps: list[SequenceStep] = []
+        tokens: list[int] = []  # packed over the items (plain lists: a few torch ops per item
+        positions: list[int] = []  # cost more than the whole packing at c=16)
+        rows: list[int] = []
         for it in items:
             tree = it.tree
             if not it.new_tokens and tree is None:
@@ -65,17 +67,18 @@ class ModelRunner:
                 nodes = torch.tensor(it.tree_query_nodes, dtype=torch.int64)
             steps.append(SequenceStep(self.kv.block_table(it.seq_id), cached, n_causal,
                                       tree.ancestors if tree else None, nodes))
-            tokens.append(torch.tensor(it.new_tokens, dtype=torch.int64))
-            positions.append(torch.arange(cached, cached + n_causal))
-            n_tree = steps[-1].num_tree_queries
+            offset = len(tokens)
+            tokens += it.new_tokens
+            positions += range(cached, cached + n_causal)
             if tree is not None:
                 sel = nodes if nodes is not None else slice(None)
-                tokens.append(tree.tokens[sel])
-                positions.append(cached + n_causal + tree.depths[sel])
+                tokens += tree.tokens[sel].tolist()
+                positions += (cached + n_causal + tree.depths[sel]).tolist()
             first = offset + n_causal - 1 if n_causal else offset
-            rows.append(torch.arange(first, offset + n_causal + n_tree))
-            offset += n_causal + n_tree
-        logits = self._run(steps, torch.cat(tokens), torch.cat(positions), torch.cat(rows))
+            rows += range(first, len(tokens))
+        logits = self._run(steps, torch.tensor(tokens, dtype=torch.int64),
+                           torch.tensor(positions, dtype=torch.int64),
+                           torch.tensor(rows, dtype=torch.int64))
         # logits: [sum(1 + n_tree), vocab]
         outs, start = [], 0
         for it, step in zip(items, steps):

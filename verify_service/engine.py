@@ -67,6 +67,9 @@ class _Prepared:
     draft: torch.Tensor | None = None  # [1 + n, vocab] dense draft distributions (sampling)
 
 
+_NO_TREE = compile_tree([], [])  # a target-only step's (empty) tree; never modified
+
+
 class VerifyEngine(SequenceEngine):
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
                  max_tree_nodes: int = MAX_TREE_NODES):
@@ -150,7 +153,7 @@ class VerifyEngine(SequenceEngine):
     def _accept(self, prep: _Prepared, logits: torch.Tensor) -> VerifyResult:
         """logits [1 + n, vocab]: row 0 after the last causal token, row i + 1 after node i."""
         item, tree = prep.item, prep.tree
-        tree = tree if tree is not None else compile_tree([], [])
+        tree = tree if tree is not None else _NO_TREE
         if item.sampling.greedy:
             acc = greedy_accept(tree, logits.argmax(-1))
             probs = torch.log_softmax(logits, -1) if item.return_logprobs else None
