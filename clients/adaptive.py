@@ -155,12 +155,16 @@ class AdaptiveSpeculation:
         self.verify_cost = LinearCost(self.config.rtt_decay, fallback="proportional")
         self._global = _Acceptance(self.config.prior_acceptance)
         self._seqs: dict[str, _SequenceState] = {}
+        # a batch's depth depends on (batch_tokens, batch_size) and the global state only:
+        # computed once per round, dropped by the next measurement
+        self._batch_depth: dict[tuple[int, int], int] = {}
 
     # -- measurements ----------------------------------------------------------------------
     def observe_round(self, seq_id: str, depth: int, num_accepted: int) -> None:
         """A verified round of `seq_id`: `num_accepted` of a draft of depth `depth` accepted."""
         if depth <= 0:
             return
+        self._batch_depth.clear()
         num_accepted = min(max(num_accepted, 0), depth)
         decay = self.config.acceptance_decay
         state = self._seqs.get(seq_id)  # none after forget(): no state is recreated
@@ -171,10 +175,12 @@ class AdaptiveSpeculation:
     def observe_draft(self, depth: int, seconds: float) -> None:
         """One draft round trip that proposed a tree of `depth` levels."""
         if depth > 0:
+            self._batch_depth.clear()
             self.draft_cost.observe(depth, seconds)
 
     def observe_verify(self, batch_tokens: int, seconds: float) -> None:
         """One verify round trip whose batch held `batch_tokens` tokens (drafts included)."""
+        self._batch_depth.clear()
         self.verify_cost.observe(batch_tokens, seconds)
 
     def forget(self, seq_id: str) -> None:
@@ -205,6 +211,14 @@ class AdaptiveSpeculation:
 
     def best_depth(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
         """The depth with the most expected tokens/s (0 when speculation does not pay)."""
+        if batch_size > 1:  # every sequence of a batch is judged alike (global acceptance)
+            key = (batch_tokens, batch_size)
+            if key not in self._batch_depth:
+                self._batch_depth[key] = self._best_depth(seq_id, batch_tokens, batch_size)
+            return self._batch_depth[key]
+        return self._best_depth(seq_id, batch_tokens, batch_size)
+
+    def _best_depth(self, seq_id: str, batch_tokens: int, batch_size: int) -> int:
         cfg = self.config
         plain = self.tokens_per_second(seq_id, 0, batch_tokens, batch_size)
         if plain is None or self.draft_cost.num_samples == 0:

@@ -159,3 +159,14 @@ def test_observe_after_forget_keeps_no_state():
     p.forget("s")
     p.observe_round("s", depth=4, num_accepted=2)  # a late reply for a finished sequence
     assert "s" not in p._seqs
+
+
+def test_a_batch_depth_is_computed_once_per_round_and_follows_new_measurements():
+    p = measured(verify_per_token=0.0001, prior_acceptance=0.8)
+    first = p.best_depth("a", 16, 16)
+    assert first == p.best_depth("b", 16, 16) == p._best_depth("a", 16, 16) > 0
+    assert list(p._batch_depth) == [(16, 16)]  # one computation for the round's sequences
+    for tokens in (16, 200, 2000):  # verifying got far more expensive per token
+        p.observe_verify(tokens, 0.010 + 0.01 * tokens)
+    assert not p._batch_depth  # dropped by the measurement
+    assert p.best_depth("a", 16, 16) == p._best_depth("a", 16, 16) < first
