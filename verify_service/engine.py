@@ -94,9 +94,13 @@ class VerifyEngine(SequenceEngine):
                 self._roll_back(prep)
                 results[i] = exc
             return results  # type: ignore[return-value]
+        # every row's argmax in one op and one device-to-host copy (on a GPU: one sync a batch)
+        argmax = torch.cat([out.logits for out in outs]).argmax(-1).cpu()  # [sum rows]
+        start = 0
         for (i, prep), out in zip(ready, outs):
+            rows, start = argmax[start:start + out.logits.shape[0]], start + out.logits.shape[0]
             try:
-                results[i] = self._accept(prep, out.logits)
+                results[i] = self._accept(prep, out.logits, rows)
             except Exception as exc:  # noqa: BLE001 - confined to this item
                 log.exception("acceptance failed for %s", prep.item.seq_id)
                 self._roll_back(prep)
@@ -150,12 +154,14 @@ class VerifyEngine(SequenceEngine):
             raise CapacityExhausted(f"KV cache full: {no_room.needed} blocks needed, "
                                     f"{no_room.free} free")
 
-    def _accept(self, prep: _Prepared, logits: torch.Tensor) -> VerifyResult:
-        """logits [1 + n, vocab]: row 0 after the last causal token, row i + 1 after node i."""
+    def _accept(self, prep: _Prepared, logits: torch.Tensor,
+                argmax: torch.Tensor) -> VerifyResult:
+        """logits [1 + n, vocab]: row 0 after the last causal token, row i + 1 after node i;
+        argmax [1 + n] their argmax, on the CPU."""
         item, tree = prep.item, prep.tree
         tree = tree if tree is not None else _NO_TREE
         if item.sampling.greedy:
-            acc = greedy_accept(tree, logits.argmax(-1))
+            acc = greedy_accept(tree, argmax)
             probs = torch.log_softmax(logits, -1) if item.return_logprobs else None
         else:
             logits = logits.cpu()  # a GPU's rows: the request's generator lives on the CPU
