@@ -82,10 +82,10 @@ class DraftEngine(SequenceEngine):
     def _run(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> dict[str, int]:
         """The new tokens' forward, then the tree's; returns each sequence's committed length."""
         outs = self.runner.forward([fwd for _, fwd, _ in ready])
-        for (_, fwd, grower), out in zip(ready, outs):
+        for (_, fwd, grower), logits in zip(ready, _on_cpu([out.logits for out in outs])):
             self.sequences.commit(fwd.seq_id, fwd.new_tokens)
             if grower.spec.enabled:
-                grower.grow_root(out.logits[0])
+                grower.grow_root(logits[0])
         committed = {fwd.seq_id: self.kv.num_tokens(fwd.seq_id) for _, fwd, _ in ready}
         self._grow(ready)
         return committed
@@ -105,8 +105,8 @@ class DraftEngine(SequenceEngine):
                                         [fwd.seq_id for fwd, _ in growing], steps):
                 continue
             outs = self.runner.forward([self._depth_item(fwd.seq_id, g) for fwd, g in growing])
-            for (_, g), out in zip(growing, outs):
-                g.grow(out.logits)
+            for (_, g), logits in zip(growing, _on_cpu([out.logits for out in outs])):
+                g.grow(logits)
 
     def _run_chain(self, growers: list[TreeGrower], seq_ids: list[str], steps: int) -> bool:
         """The chains' remaining depths in one call where the chain runner can (greedy rows the
@@ -195,3 +195,11 @@ def _draws(growers: list[TreeGrower], steps: int, vocab: int) -> ChainDraws:
     return ChainDraws([0.0 if z else g.sampling.temperature for g, z in zip(growers, greedy)],
                       [g.sampling.top_p for g in growers], [g.sampling.top_k for g in growers],
                       expo)
+
+
+def _on_cpu(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each item's logits on the CPU, where trees grow: on a GPU one copy (and one sync) for
+    the whole batch instead of one per sequence."""
+    if not rows or rows[0].device.type == "cpu":
+        return rows
+    return list(torch.cat(rows).cpu().split([r.shape[0] for r in rows]))
