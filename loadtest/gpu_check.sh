@@ -14,6 +14,8 @@
 #   engine     the engine bench on the GPU (forward time by rows), CUDA graphs on and off
 #   bench      `specmesh bench --device cuda --dtype bfloat16` on that pair, with HF's rows
 #   sampling   the same bench sampling (temperature 0.8, top_p 0.95), c=1, no HF rows
+#   graphs-ab  (not in the default) c=1 chain:5 greedy and sampled through the services with
+#              SPECMESH_CUDA_GRAPHS=0 then 1: what the graphs buy end to end
 # Everything prints to stdout and lands in OUTDIR (one file per stage).
 set -u
 OUTDIR=${1:-out/gpu}
@@ -80,5 +82,16 @@ if has sampling; then
     > "$OUTDIR/bench_gpu_sampling.json" 2> "$OUTDIR/bench_gpu_sampling.log"
   echo "sampling bench exit $?"
   grep -v "^\[bench" "$OUTDIR/bench_gpu_sampling.log" | sed -n '/^mode/,/^ratios/p'
+fi
+if has graphs-ab; then
+  for graphs in 0 1; do
+    for temp in 0 0.8; do
+      say "services A/B: SPECMESH_CUDA_GRAPHS=$graphs temperature $temp"
+      SPECMESH_CUDA_GRAPHS=$graphs timeout 120 $PY -m specmesh.loadtest.bench --device cuda \
+        --dtype bfloat16 --target "$TARGET" --draft "$DRAFT" --concurrency 1 --num-prompts 4 \
+        --max-new-tokens 128 --trees chain:5 --temperature $temp --top-p 0.95 --no-hf 2>&1 \
+        | grep -E "^specmesh (target|spec)|spec/target"
+    done
+  done | tee "$OUTDIR/graphs_ab.txt"
 fi
 say done
