@@ -88,8 +88,7 @@ class CudaChain:
                     draws: ChainDraws) -> tuple[list[list[int]], torch.Tensor]:
         """As `run`, each row choosing as `draws` says (greedy rows the argmax); returns the
         tokens and q [B, steps, vocab] float32 on the CPU, each sampled draw's distribution."""
-        tokens, q = self._run(kv, seq_ids, first, steps, draws)
-        return tokens, q
+        return self._run(kv, seq_ids, first, steps, draws)
 
     def _run(self, kv, seq_ids, first, steps, draws: ChainDraws | None):
         b = len(seq_ids)

@@ -101,6 +101,7 @@ def fill_staging(host: torch.Tensor, layout: dict[str, tuple[int, int]], size: i
 class _Graph:
     size: int
     staging: torch.Tensor  # [total] int64 on the device: the graph's only input
+    layout: dict[str, tuple[int, int]]  # staging_layout(size, width)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [size, vocab] float32, written by each replay
 
@@ -141,8 +142,8 @@ class CudaGraphs:
 
     def _applicable(self, steps: list[SequenceStep], num_tokens: int) -> int | None:
         """The padded size for this batch, or None where the eager forward must run."""
-        if not self.sizes or num_tokens > self.sizes[-1] or any(layer.self_attn.batch_invariant
-                                         for layer in self.loaded.model.model.layers[:1]):
+        if not self.sizes or num_tokens > self.sizes[-1] \
+                or self.loaded.model.model.layers[0].self_attn.batch_invariant:
             return None
         for s in steps:
             if len(s.block_table) > self.width or s.num_cached + s.num_new > self.max_positions:
@@ -179,8 +180,8 @@ class CudaGraphs:
     def _upload(self, graph: _Graph, tokens, positions, rows, meta) -> None:
         if self.copied is not None:
             self.copied.synchronize()  # the pinned buffer is free again
-        layout = staging_layout(graph.size, self.width)
-        n = fill_staging(self.host, layout, graph.size, self.width, tokens, positions, rows, meta)
+        n = fill_staging(self.host, graph.layout, graph.size, self.width, tokens, positions, rows,
+                         meta)
         graph.staging[:n].copy_(self.host[:n], non_blocking=self.on_gpu)
         if self.on_gpu:
             self.copied = torch.cuda.Event()
@@ -197,7 +198,8 @@ class CudaGraphs:
         batch meanwhile: valid input whose KV goes to the scratch blocks)."""
         layout = staging_layout(size, self.width)
         total = sum(n for _, n in layout.values())
-        graph = _Graph(size, torch.zeros(total, dtype=torch.int64, device=self.loaded.device))
+        graph = _Graph(size, torch.zeros(total, dtype=torch.int64, device=self.loaded.device),
+                       layout)
         steps = [self._padding(size)]
         self._upload(graph, torch.zeros(size, dtype=torch.int64), torch.arange(size),
                      torch.arange(size), build_metadata(steps, self.kv.block_size))
@@ -220,7 +222,7 @@ class CudaGraphs:
     def _forward(self, graph: _Graph) -> torch.Tensor:
         """The captured work: unpack the staging buffer, run the model. [size, vocab]"""
         size, width, x = graph.size, self.width, graph.staging
-        part = {name: x[o:o + n] for name, (o, n) in staging_layout(size, width).items()}
+        part = {name: x[o:o + n] for name, (o, n) in graph.layout.items()}
         i32 = torch.int32
         meta = AttentionMetadata(
             block_tables=part["block_tables"].view(size + 1, width).to(i32),

@@ -99,12 +99,18 @@ def _random_model(folder) -> None:
               str(folder / "model.safetensors"))
 
 
-@pytest.mark.gpu
-def test_captured_graphs_equal_eager_on_gpu(tmp_path):
+@pytest.fixture
+def gpu_model(tmp_path):
+    """The random head_dim-32 model, fp32 on the GPU (skips without one)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _random_model(tmp_path)
-    loaded = load_model(tmp_path, torch.float32, "cuda")
+    return load_model(tmp_path, torch.float32, "cuda")
+
+
+@pytest.mark.gpu
+def test_captured_graphs_equal_eager_on_gpu(gpu_model):
+    loaded = gpu_model
     assert _runner(loaded, True).graphs.on_gpu
     _check_same(loaded, atol=1e-3)
 
@@ -162,11 +168,8 @@ def test_greedy_chain_graph_equals_per_depth_forwards_on_cpu(models):
 
 
 @pytest.mark.gpu
-def test_captured_chain_equals_per_depth_forwards_on_gpu(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    _random_model(tmp_path)
-    _check_chain(load_model(tmp_path, torch.float32, "cuda"))
+def test_captured_chain_equals_per_depth_forwards_on_gpu(gpu_model):
+    _check_chain(gpu_model)
 
 
 def _draft_engines(models):
@@ -251,13 +254,10 @@ def test_draft_engine_falls_back_when_the_chain_graph_fails(models, monkeypatch)
 
 
 @pytest.mark.gpu
-def test_captured_sampled_chain_equals_its_eager_run_on_gpu(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def test_captured_sampled_chain_equals_its_eager_run_on_gpu(gpu_model):
     from specmesh.kernels.cpu_chain import ChainDraws
 
-    _random_model(tmp_path)
-    loaded = load_model(tmp_path, torch.float32, "cuda")
+    loaded = gpu_model
     results = []
     for capture in (True, False):
         runner = _runner(loaded, True)
