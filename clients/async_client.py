@@ -121,6 +121,8 @@ class AsyncSpecMeshClient:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._loop is not None:
+            self._loop.stubs.close()
         if self.results is not None:
             await self.results.close()
         for ch in self._channels:

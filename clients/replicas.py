@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specmesh.clients.round_stream import batch_method
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.security import Security
 from specmesh.wire.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 _FAILOVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_STREAMS = {"ProposeBatch": "ProposeStream", "VerifyBatch": "VerifyStream"}
 
 
 def expand(target: str) -> list[str]:
@@ -63,6 +65,13 @@ class Replica:
     alive: bool = True
     down_since: float | None = None
     items_served: int = 0  # batch items answered (the spread across replicas)
+    calls: dict = field(default_factory=dict)  # batch method -> its call (over a RoundStream)
+
+    def batch_call(self, method: str):
+        """The replica's `method` (ProposeBatch, VerifyBatch) over its own open stream."""
+        if method not in self.calls:
+            self.calls[method] = batch_method(self.stub, method, _STREAMS[method])
+        return self.calls[method]
 
 
 @dataclass
@@ -211,7 +220,7 @@ class ReplicaSet:
                                      if a in by_address and by_address[a].alive})
         calls = {a: type(request)(requests=[request.requests[i] for i in groups.get(a, [])],
                                   finished_sequence_ids=finished.get(a, [])) for a in todo}
-        replies = await asyncio.gather(*(getattr(by_address[a].stub, method)(
+        replies = await asyncio.gather(*(by_address[a].batch_call(method)(
             calls[a], timeout=timeout) for a in todo), return_exceptions=True)
         reply_cls, result_cls = _REPLIES[method]
         results: list = [None] * len(request.requests)

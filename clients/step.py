@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import grpc
 
 from specmesh.clients.plan import SequenceDelta
+from specmesh.clients.round_stream import RoundStream, batch_method
 from specmesh.v1 import common_pb2, draft_pb2, verify_pb2
 from specmesh.wire.batch_rpc import item_rpc_error
 
@@ -33,15 +34,25 @@ def _warn(message: str, *args) -> None:
 
 
 class Stubs:
-    """The stubs a round needs plus per-call timeouts."""
+    """The stubs a round needs plus per-call timeouts; `close()` ends the round streams."""
 
     def __init__(self, draft, verify, draft_timeout_s: float = 10.0,
                  verify_timeout_s: float = 60.0, retry_deadline_s: float = 30.0):
         self.draft = draft
         self.verify = verify
+        # the round's two calls, each over one open stream where the stub has one
+        self.propose_call = (batch_method(draft, "ProposeBatch", "ProposeStream")
+                             if draft is not None else None)
+        self.verify_call = batch_method(verify, "VerifyBatch", "VerifyStream")
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self.retry_deadline_s = retry_deadline_s  # a sequence's verify outage before it fails
+
+
+    def close(self) -> None:
+        for call in (self.propose_call, self.verify_call):
+            if isinstance(call, RoundStream):
+                call.close()
 
 
 def propose_request(d: SequenceDelta) -> draft_pb2.ProposeRequest:
@@ -79,7 +90,7 @@ async def propose_batch(stubs: Stubs, steps: Sequence[SequenceDelta],
     req = draft_pb2.ProposeBatchRequest(requests=[propose_request(d) for d in steps],
                                         finished_sequence_ids=list(finished))
     try:
-        reply = await stubs.draft.ProposeBatch(req, timeout=stubs.draft_timeout_s)
+        reply = await stubs.propose_call(req, timeout=stubs.draft_timeout_s)
     except grpc.aio.AioRpcError as err:
         _warn("draft %s: %s; verifying without trees", err.code().name, err.details())
         return [None] * len(steps)
@@ -108,7 +119,7 @@ async def verify_batch(stubs: Stubs, requests: Sequence[verify_pb2.VerifyRequest
     req = verify_pb2.VerifyBatchRequest(requests=list(requests),
                                         finished_sequence_ids=list(finished))
     try:
-        reply = await stubs.verify.VerifyBatch(req, timeout=stubs.verify_timeout_s)
+        reply = await stubs.verify_call(req, timeout=stubs.verify_timeout_s)
     except grpc.aio.AioRpcError as err:
         return [err] * len(requests)
     return [res.response if res.HasField("response") else item_rpc_error(res.error)

@@ -69,6 +69,11 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             draft_pb2.ProposeResult(error=item_error(out)) if isinstance(out, BaseException)
             else draft_pb2.ProposeResult(response=self._response(out)) for out in outcomes])
 
+    async def ProposeStream(self, request_iterator, context):
+        """ProposeBatch for each request of one long-lived stream, answered in order."""
+        async for request in request_iterator:
+            yield await self.ProposeBatch(request, context)
+
     def _response(self, result: ProposeResult) -> draft_pb2.ProposeResponse:
         self.observe_state()
         empty = common_pb2.SparseDistribution()

@@ -11,6 +11,7 @@ A service describes itself once (`ServiceSpec`); everything else is here:
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ async def serve(spec: ServiceSpec, config: ModelServiceConfig) -> None:
     if config.metrics_port is not None:
         port = start_metrics_server(config.metrics_port, metrics, config.metrics_host)
         print(f"metrics on http://{config.metrics_host}:{port}/metrics", flush=True)
-    proxy = ServicerProxy()
+    proxy = ServicerProxy(spec.servicer)
     server = await build_server([(spec.add_to_server, proxy)], [spec.full_name],
                                 port=config.port, host=config.host,
                                 interceptors=[MetricsInterceptor(metrics)],
@@ -119,19 +120,31 @@ def make_batcher(run_batch: Callable[[list], list], config: ModelServiceConfig,
 
 
 class ServicerProxy:
-    """Registered with the server before the model is loaded; forwards to the real servicer.
+    """Registered with the server before the model is loaded; forwards to the real servicer
+    (of class `servicer`: its streaming methods are forwarded as streams).
 
     Until the target exists every method answers UNAVAILABLE (health says NOT_SERVING)."""
 
-    def __init__(self):
+    def __init__(self, servicer: type | None = None):
         self.target = None
+        self.servicer = servicer
+
+    async def _ready(self, context) -> None:
+        if self.target is None:
+            import grpc
+
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
 
     def __getattr__(self, name):
-        async def call(request, context):
-            if self.target is None:
-                import grpc
+        if inspect.isasyncgenfunction(getattr(self.servicer, name, None)):
+            async def stream(request, context):
+                await self._ready(context)
+                async for reply in getattr(self.target, name)(request, context):
+                    yield reply
+            return stream
 
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        async def call(request, context):
+            await self._ready(context)
             return await getattr(self.target, name)(request, context)
 
         return call

@@ -66,6 +66,9 @@ async def test_concurrent_requests_match_their_target_only_output(models):
                 client.generate(p, 24, tree=("chain:4" if i % 2 else "dynamic:12"),
                                 ignore_eos=True)
                 for i, p in enumerate(prompts)))
+            stubs = client._loop.stubs  # every round of every request rode one stream each
+            assert (stubs.propose_call.num_opened, stubs.verify_call.num_opened) == (1, 1)
+            assert stubs.propose_call.streaming and stubs.verify_call.streaming
     assert [r.token_ids for r in together] == [r.token_ids for r in solo]
 
 

@@ -117,6 +117,8 @@ TEMPLATES = {
     "DraftService.ProposeBatch": lambda rng: draft_pb2.ProposeBatchRequest(
         requests=[_propose_req(rng) for _ in range(rng.randint(1, 4))]),
 }
+TEMPLATES["VerifyService.VerifyStream"] = TEMPLATES["VerifyService.VerifyBatch"]
+TEMPLATES["DraftService.ProposeStream"] = TEMPLATES["DraftService.ProposeBatch"]
 
 
 def mutated(name: str, req_cls, rng: random.Random):
@@ -147,7 +149,11 @@ def methods(channel: grpc.aio.Channel, module, service: str):
         path = f"/{desc.full_name}/{m.name}"
         req = m.input_type._concrete_class
         resp = m.output_type._concrete_class
-        if m.client_streaming:
+        if m.client_streaming and m.server_streaming:
+            call = channel.stream_stream(path, request_serializer=lambda b: b,
+                                         response_deserializer=resp.FromString)
+            kind = "bidi"
+        elif m.client_streaming:
             call = channel.stream_unary(path, request_serializer=lambda b: b,
                                         response_deserializer=resp.FromString)
             kind = "stream_in"
@@ -164,11 +170,13 @@ def methods(channel: grpc.aio.Channel, module, service: str):
 
 
 async def _send(kind: str, call, payloads: list[bytes]):
+    async def gen():
+        for p in payloads:
+            yield p
     if kind == "stream_in":
-        async def gen():
-            for p in payloads:
-                yield p
         return [await call(gen(), timeout=30)]
+    if kind == "bidi":
+        return [m async for m in call(gen(), timeout=30)]
     if kind == "stream_out":
         return [m async for m in call(payloads[0], timeout=30)]
     return [await call(payloads[0], timeout=30)]
@@ -195,7 +203,7 @@ async def fuzz(all_methods, num_requests: int, seed: int) -> dict[str, int]:
         if rng.random() < 0.1:
             payloads = [rng.randbytes(rng.randint(1, 64))]
         else:
-            n = rng.choice([1, 1, 2, 3]) if kind == "stream_in" else 1
+            n = rng.choice([1, 1, 2, 3]) if kind in ("stream_in", "bidi") else 1
             payloads = [mutated(name, req_cls, rng).SerializeToString() for _ in range(n)]
         try:
             responses = await _send(kind, call, payloads)

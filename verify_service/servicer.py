@@ -51,6 +51,11 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
             else verify_pb2.VerifyResult(response=self._response(out, len(req.tree.tokens)))
             for req, out in zip(request.requests, outcomes)])
 
+    async def VerifyStream(self, request_iterator, context):
+        """VerifyBatch for each request of one long-lived stream, answered in order."""
+        async for request in request_iterator:
+            yield await self.VerifyBatch(request, context)
+
     def _response(self, result: VerifyResult, num_tree: int) -> verify_pb2.VerifyResponse:
         if self.metrics is not None:
             self.metrics.observe_round(num_tree, result.num_accepted_draft_tokens)

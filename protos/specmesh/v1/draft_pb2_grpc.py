@@ -45,6 +45,11 @@ class DraftServiceStub:
                 request_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
                 _registered_method=True)
+        self.ProposeStream = channel.stream_stream(
+                '/specmesh.v1.DraftService/ProposeStream',
+                request_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specmesh.v1.DraftService/Release',
                 request_serializer=specmesh_dot_v1_dot_draft__pb2.ReleaseRequest.SerializeToString,
@@ -75,6 +80,14 @@ class DraftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeStream(self, request_iterator, context):
+        """ProposeBatch over one long-lived stream: one response per request, in order (see
+        VerifyService.VerifyStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Drop the state of finished sequences.
         """
@@ -98,6 +111,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
             ),
             'ProposeBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ProposeBatch,
+                    request_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.SerializeToString,
+            ),
+            'ProposeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProposeStream,
                     request_deserializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.SerializeToString,
             ),
@@ -164,6 +182,33 @@ class DraftService:
             request,
             target,
             '/specmesh.v1.DraftService/ProposeBatch',
+            specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+            specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specmesh.v1.DraftService/ProposeStream',
             specmesh_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
             specmesh_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
             options,

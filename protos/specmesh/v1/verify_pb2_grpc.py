@@ -45,6 +45,11 @@ class VerifyServiceStub:
                 request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/specmesh.v1.VerifyService/VerifyStream',
+                request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specmesh.v1.VerifyService/Release',
                 request_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyReleaseRequest.SerializeToString,
@@ -76,6 +81,16 @@ class VerifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """VerifyBatch over one long-lived stream: each request is answered by one response, in
+        order, exactly as VerifyBatch answers it. A client's rounds skip a call's setup each time
+        (about 0.4 ms a round trip on loopback); a failure of the whole batch ends the stream with
+        its status (the client opens a new one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -99,6 +114,11 @@ def add_VerifyServiceServicer_to_server(servicer, server):
             ),
             'VerifyBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyBatch,
+                    request_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
                     request_deserializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.SerializeToString,
             ),
@@ -165,6 +185,33 @@ class VerifyService:
             request,
             target,
             '/specmesh.v1.VerifyService/VerifyBatch',
+            specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
+            specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specmesh.v1.VerifyService/VerifyStream',
             specmesh_dot_v1_dot_verify__pb2.VerifyBatchRequest.SerializeToString,
             specmesh_dot_v1_dot_verify__pb2.VerifyBatchResponse.FromString,
             options,

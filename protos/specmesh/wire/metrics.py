@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import grpc
@@ -216,16 +217,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = _short_method(handler_call_details.method)
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
-        for attr, make, streaming in kinds:
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, self._wrap_unary),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, self._wrap_stream),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, self._wrap_unary),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, self._wrap_bidi))
+        for attr, make, wrap in kinds:
             inner = getattr(handler, attr)
             if inner is not None:
-                wrapped = (self._wrap_stream(inner, method) if streaming
-                           else self._wrap_unary(inner, method))
-                return make(wrapped, handler.request_deserializer, handler.response_serializer)
+                return make(wrap(inner, method), handler.request_deserializer,
+                            handler.response_serializer)
         return handler
 
     def _record(self, method: str, start: float, exc: BaseException | None, context) -> None:
@@ -256,3 +256,27 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self._record(method, start, None, context)
 
         return stream
+
+    def _wrap_bidi(self, inner, method: str):
+        """A stream answering each request with one response, in order (VerifyStream,
+        ProposeStream): each answer is one request of `method`, timed from its request's
+        arrival; a stream closed by its client between requests records nothing."""
+        async def bidi(requests, context):
+            arrived: deque[float] = deque()
+
+            async def timed():
+                async for request in requests:
+                    arrived.append(self.clock())
+                    yield request
+
+            try:
+                async for item in inner(timed(), context):
+                    self._record(method, arrived.popleft() if arrived else self.clock(),
+                                 None, context)
+                    yield item
+            except BaseException as exc:
+                if arrived or not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    self._record(method, arrived[0] if arrived else self.clock(), exc, context)
+                raise
+
+        return bidi

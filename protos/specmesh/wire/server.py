@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specmesh.wire.errors import SpecMeshError, status_code
+from specmesh.wire.open_streams import OpenStreams
 from specmesh.wire.security import Security
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ CHANNEL_OPTIONS = message_options(MAX_MESSAGE_BYTES)  # Security.channel adds it
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SpecMeshError):
         return status_code(exc), str(exc)
+    if isinstance(exc, NotImplementedError):  # a generated servicer base's method
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "method not implemented"
     if isinstance(exc, DecodeError):  # a streamed request message that does not parse
         return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
     log.exception("unhandled error in handler", exc_info=exc)
@@ -80,7 +83,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps SpecMeshError subclasses to their status codes; anything else becomes INTERNAL.
 
     The handler's exception never escapes, so one bad request cannot take the server down.
+    Bidi streams read their requests through `streams` (ended by a graceful stop).
     """
+
+    def __init__(self, streams: OpenStreams | None = None):
+        self.streams = streams or OpenStreams()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -92,8 +99,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _tolerant(handler.request_deserializer), handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream), _tolerant(handler.request_deserializer),
-                handler.response_serializer)
+                _guard_stream(handler.unary_stream, check_request=True),
+                _tolerant(handler.request_deserializer), handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_stream(self.streams.wrap(handler.stream_stream), check_request=False),
+                handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 _guard_unary(handler.stream_unary, check_request=False),
@@ -122,11 +133,13 @@ def _guard_unary(inner: Callable, check_request: bool) -> Callable:
     return handler
 
 
-def _guard_stream(inner: Callable) -> Callable:
-    """A handler streaming responses, whose exceptions become statuses."""
+def _guard_stream(inner: Callable, check_request: bool) -> Callable:
+    """A handler streaming responses, whose exceptions become statuses (a streamed request
+    message that does not parse: INVALID_ARGUMENT, through `_status_of`)."""
 
     async def handler(request, context):
-        await _reject_undecodable(request, context)
+        if check_request:
+            await _reject_undecodable(request, context)
         try:
             async for item in inner(request, context):
                 yield item
@@ -146,6 +159,7 @@ class Server:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    streams: OpenStreams
 
     async def start(self) -> None:
         await self.server.start()
@@ -157,8 +171,10 @@ class Server:
             await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful: report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, stop."""
+        """Graceful: report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, stop
+        (open bidi streams: after their answer in progress, at once when idle)."""
         await self.health.enter_graceful_shutdown()
+        self.streams.stop()
         await self.server.stop(grace)
 
 
@@ -184,8 +200,9 @@ async def build_server(
     # SO_REUSEPORT off: a second server on a taken port fails instead of splitting traffic
     security = security or Security()
     credentials = credentials or security.server_credentials()
+    streams = OpenStreams()
     server = grpc.aio.server(
-        interceptors=[*security.interceptors(), ErrorInterceptor(), *interceptors],
+        interceptors=[*security.interceptors(), ErrorInterceptor(streams), *interceptors],
         options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -203,7 +220,8 @@ async def build_server(
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, credentials) if credentials
              else server.add_insecure_port(address))
-    out = Server(server=server, port=bound, health=health_servicer, service_names=names)
+    out = Server(server=server, port=bound, health=health_servicer, service_names=names,
+                 streams=streams)
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return out
