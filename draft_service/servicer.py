@@ -11,10 +11,11 @@ from specmesh.wire.codec import encode_sparse
 from specmesh.wire.tree_spec import TreeSpec
 
 
-def to_item(req: draft_pb2.ProposeRequest) -> ProposeItem:
+def to_item(req: draft_pb2.ProposeRequest, seq_id: str) -> ProposeItem:
+    """`seq_id`: the id the service keeps the sequence under (scoped to its caller)."""
     sampling, seed = sampling_config(req.sampling)
     return ProposeItem(
-        seq_id=req.header.sequence_id,
+        seq_id=seq_id,
         num_cached_tokens=req.header.num_cached_tokens,
         new_tokens=list(req.header.new_tokens),
         spec=TreeSpec.from_proto(req.tree_spec),
@@ -39,11 +40,14 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         super().__init__(engine, worker, prefix, metrics)
         self.ngram = ngram or NgramDrafter()
 
-    async def submit(self, item: ProposeItem, caller=None):
+    def submit(self, item: ProposeItem, caller=None):
         if item.spec.model_free or self.engine is None:
-            await self.ngram.prepare(item)
-            return self.ngram.propose(item)
-        return await super().submit(item, caller)
+            return self._ngram_propose(item)
+        return super().submit(item, caller)
+
+    async def _ngram_propose(self, item: ProposeItem):
+        await self.ngram.prepare(item)
+        return self.ngram.propose(item)
 
     async def release_finished(self, seq_ids, owner: str) -> int:
         n = self.ngram.release([scope(owner, s) for s in seq_ids])
@@ -60,14 +64,17 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
 
     async def Propose(self, request, context):
         _, result = await self.run_one(request, context, to_item)
+        self.observe_state()
         return self._response(result)
 
     async def ProposeBatch(self, request, context):
         """Every item of a client's round; one forward per depth, outcomes item by item."""
         outcomes = await self.run_batch(request, context, to_item)
-        return draft_pb2.ProposeBatchResponse(results=[
+        reply = draft_pb2.ProposeBatchResponse(results=[
             draft_pb2.ProposeResult(error=item_error(out)) if isinstance(out, BaseException)
             else draft_pb2.ProposeResult(response=self._response(out)) for out in outcomes])
+        self.observe_state()
+        return reply
 
     async def ProposeStream(self, request_iterator, context):
         """ProposeBatch for each request of one long-lived stream, answered in order."""
@@ -75,7 +82,6 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             yield await self.ProposeBatch(request, context)
 
     def _response(self, result: ProposeResult) -> draft_pb2.ProposeResponse:
-        self.observe_state()
         empty = common_pb2.SparseDistribution()
         return draft_pb2.ProposeResponse(
             tree=common_pb2.TokenTree(tokens=result.tokens, parents=result.parents),

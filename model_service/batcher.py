@@ -110,6 +110,9 @@ class DynamicBatcher(Generic[Item, Result]):
         """Start the consumer task on the running loop (submit() also starts it lazily)."""
         if self._closing:
             raise BatcherClosed("batcher is stopped")
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._consume(),
@@ -133,16 +136,21 @@ class DynamicBatcher(Generic[Item, Result]):
     async def submit(self, item: Item, caller: Any = None) -> Result:
         """Queue `item`, wait for its batch, return its result (or raise its exception).
         `caller`: any hashable shared by the items that one caller submits together."""
+        return await self.enqueue(item, caller)
+
+    def enqueue(self, item: Item, caller: Any = None) -> asyncio.Future:
+        """Queue `item` now; the future its batch resolves (what `submit` awaits; a batched
+        RPC gathers its items' futures without a task per item). Cancel it to withdraw."""
         if self._closing:
             raise BatcherClosed("batcher is stopped")
         cost = int(self._cost(item))
         if cost < 0:
             raise ValueError(f"cost: {cost} must be >= 0")
-        await self.start()
+        self._ensure_started()
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(item, cost, future, caller))
         self._wake.set()
-        return await future
+        return future
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run any other function on the worker thread (between batches, never beside one)."""

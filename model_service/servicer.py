@@ -12,8 +12,7 @@ A service's servicer adds only its proto <-> engine conversions:
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from specmesh.errors import OWNER_SEP, InvalidRequest
@@ -47,11 +46,6 @@ def scope(owner: str, seq_id: str) -> str:
     return f"{owner}{OWNER_SEP}{seq_id}"
 
 
-def owned(item, owner: str):
-    """`item` with its sequence id scoped to `owner`."""
-    return dataclasses.replace(item, seq_id=scope(owner, item.seq_id))
-
-
 class ModelServicer:
     """Engine work goes through `worker` (one thread, batched); proto handling stays here."""
 
@@ -64,26 +58,31 @@ class ModelServicer:
         self.metrics = metrics
         self.prefix = prefix  # prefix KV through the cache service; None = off
 
-    async def run_one(self, request, context, to_item: Callable[[Any], Any]
+    async def run_one(self, request, context, to_item: Callable[[Any, str], Any]
                       ) -> tuple[Any, Any]:
-        """A single-item RPC: decode, free the finished sequences it names, run; (item, result)."""
+        """A single-item RPC: decode, free the finished sequences it names, run; (item, result).
+        `to_item(request, seq_id)` decodes a request under the caller-scoped id."""
         owner = caller_identity(context)
-        item = owned(to_item(request), owner)
+        item = to_item(request, scope(owner, request.header.sequence_id))
         await self.release_finished(request.finished_sequence_ids, owner)
         return item, await self.submit(item)
 
-    async def run_batch(self, request, context, to_item: Callable[[Any], Any]) -> list[Any]:
+    async def run_batch(self, request, context, to_item: Callable[[Any, str], Any]
+                        ) -> list[Any]:
         """A batched RPC: one outcome (result or exception) per item, in order."""
         owner = caller_identity(context)
         await self.release_finished(request.finished_sequence_ids, owner)
         caller = object()  # its items are one caller to the batcher: no waiting for company
-        return await run_items(request.requests, lambda req: owned(to_item(req), owner),
-                               lambda item: self.submit(item, caller))
+        return await run_items(
+            request.requests, lambda req: to_item(req, scope(owner, req.header.sequence_id)),
+            lambda item: self.submit(item, caller))
 
-    async def submit(self, item, caller=None):
+    def submit(self, item, caller=None) -> Awaitable:
+        """`item`'s result, to await: the batcher's future itself without a prefix cache (no
+        task per item of a batch), else the prefix look-up then the batcher."""
         if self.prefix is None:
-            return await self.worker.submit(item, caller)
-        return await self.prefix.submit(lambda it: self.worker.submit(it, caller), item)
+            return self.worker.enqueue(item, caller)
+        return self.prefix.submit(lambda it: self.worker.submit(it, caller), item)
 
     async def release_finished(self, seq_ids: Sequence[str], owner: str) -> int:
         """Free the caller's own sequences among `seq_ids` (another caller's ids name nothing)."""

@@ -10,8 +10,9 @@ from specmesh.wire.codec import decode_sparse
 from specmesh.wire.errors import InvalidRequest
 
 
-def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
-    """Decode and check the fields a proto can get wrong; the engine checks the rest."""
+def to_item(req: verify_pb2.VerifyRequest, seq_id: str) -> VerifyItem:
+    """Decode and check the fields a proto can get wrong; the engine checks the rest.
+    `seq_id`: the id the service keeps the sequence under (scoped to its caller)."""
     sampling, seed = sampling_config(req.sampling)
     if len(req.tree.tokens) != len(req.tree.parents):
         raise InvalidRequest("tree.parents", f"{len(req.tree.parents)} parents for "
@@ -24,7 +25,7 @@ def to_item(req: verify_pb2.VerifyRequest) -> VerifyItem:
             raise InvalidRequest(f"draft_dists[{i}].probs_f16", str(exc)) from exc
         dists.append((sparse.token_ids, sparse.probs) if len(sparse.token_ids) else None)
     return VerifyItem(
-        seq_id=req.header.sequence_id,
+        seq_id=seq_id,
         num_cached_tokens=req.header.num_cached_tokens,
         new_tokens=list(req.header.new_tokens),
         tree_tokens=list(req.tree.tokens),
@@ -41,15 +42,18 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
 
     async def Verify(self, request, context):
         item, result = await self.run_one(request, context, to_item)
+        self.observe_state()
         return self._response(result, len(item.tree_tokens))
 
     async def VerifyBatch(self, request, context):
         """Every item of a client's round; one batched forward, outcomes item by item."""
         outcomes = await self.run_batch(request, context, to_item)
-        return verify_pb2.VerifyBatchResponse(results=[
+        reply = verify_pb2.VerifyBatchResponse(results=[
             verify_pb2.VerifyResult(error=item_error(out)) if isinstance(out, BaseException)
             else verify_pb2.VerifyResult(response=self._response(out, len(req.tree.tokens)))
             for req, out in zip(request.requests, outcomes)])
+        self.observe_state()
+        return reply
 
     async def VerifyStream(self, request_iterator, context):
         """VerifyBatch for each request of one long-lived stream, answered in order."""
@@ -59,7 +63,6 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
     def _response(self, result: VerifyResult, num_tree: int) -> verify_pb2.VerifyResponse:
         if self.metrics is not None:
             self.metrics.observe_round(num_tree, result.num_accepted_draft_tokens)
-        self.observe_state()
         return verify_pb2.VerifyResponse(
             tokens=result.tokens,
             num_accepted_draft_tokens=result.num_accepted_draft_tokens,

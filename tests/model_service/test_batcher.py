@@ -232,3 +232,40 @@ def test_bad_config_is_rejected():
         DynamicBatcher(lambda xs: xs, max_batch_tokens=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         DynamicBatcher(lambda xs: xs, max_wait_ms=-1)
+
+
+async def test_enqueued_futures_batch_together_and_a_cancelled_one_is_skipped():
+    """`enqueue` (what a batched RPC gathers, no task per item) queues at once: the items run
+    in one batch; a future cancelled before its batch runs is left out of it."""
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, max_wait_ms=0, wait_only_when_busy=True)
+    rpc = object()
+    futures = [batcher.enqueue(i, rpc) for i in range(4)]
+    futures[2].cancel()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[:2] == [0, 10] and results[3] == 30
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert rec.batches == [[0, 1, 3]]
+    await batcher.stop()
+    with pytest.raises(BatcherClosed):
+        batcher.enqueue(5)
+
+
+async def test_an_item_refused_at_submission_fails_alone():
+    """run_items: a submit that raises at once (a stopping batcher) fails only its item."""
+    from specmesh.v1 import common_pb2, verify_pb2
+    from specmesh.wire.batch_rpc import run_items
+
+    requests = [verify_pb2.VerifyRequest(header=common_pb2.SequenceHeader(sequence_id=s))
+                for s in ("a", "refused", "c")]
+
+    def submit(item):
+        if item == "refused":
+            raise BatcherClosed("batcher is stopped")
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(item.upper())
+        return future
+
+    outcomes = await run_items(requests, lambda r: r.header.sequence_id, submit)
+    assert outcomes[0] == "A" and outcomes[2] == "C"
+    assert isinstance(outcomes[1], BatcherClosed)

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 async def run_items(requests: Sequence[Any], to_item: Callable[[Any], Any],
                     submit: Callable[[Any], Awaitable[Any]]) -> list[Any]:
-    """Decode, de-duplicate and submit every request; one result or exception per request."""
+    """Decode, de-duplicate and submit every request; one result or exception per request.
+    `submit(item)` returns an awaitable (a future: no task is made for it)."""
     outcomes: list[Any] = [None] * len(requests)
     seen: set[str] = set()
     todo: list[tuple[int, Any]] = []
@@ -42,12 +43,24 @@ async def run_items(requests: Sequence[Any], to_item: Callable[[Any], Any],
             todo.append((i, to_item(req)))
         except Exception as exc:  # noqa: BLE001 - confined to this item
             outcomes[i] = exc
-    results = await asyncio.gather(*(submit(item) for _, item in todo), return_exceptions=True)
+    waits = []
+    for _, item in todo:
+        try:
+            waits.append(submit(item))
+        except Exception as exc:  # noqa: BLE001 - refused at once (a stopping batcher)
+            waits.append(_failed(exc))
+    results = await asyncio.gather(*waits, return_exceptions=True)
     for (i, _), res in zip(todo, results):
         if isinstance(res, asyncio.CancelledError):
             raise res
         outcomes[i] = res
     return outcomes
+
+
+def _failed(exc: BaseException) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
 
 
 def item_error(exc: BaseException) -> common_pb2.ItemError:

@@ -48,6 +48,7 @@ class ServiceMetrics:
 
     def __init__(self, service_name: str, registry: CollectorRegistry | None = None):
         self.service = service_name
+        self._children: dict[tuple, object] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r, s = self.registry, ("service",)
         self.request_latency = _family(
@@ -105,54 +106,63 @@ class ServiceMetrics:
             s + ("kind", "result"))
 
     # -- recording -------------------------------------------------------------------------
+    def _of(self, family, *labels: str):
+        """`family`'s child for (service, *labels), looked up once (a `labels()` call costs
+        ~2 us, and a batch records several per item)."""
+        key = (family, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(self.service, *labels)
+        return child
+
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC; `code` is a status name ("OK", "NOT_FOUND", ...)."""
-        self.request_latency.labels(self.service, method, code).observe(seconds)
+        self._of(self.request_latency, method, code).observe(seconds)
         if code != "OK":
-            self.request_errors.labels(self.service, method, code).inc()
+            self._of(self.request_errors, method, code).inc()
 
     def observe_batch(self, num_items: int, num_tokens: int, seconds: float) -> None:
         """One batched forward; the signature of DynamicBatcher's `on_batch`."""
-        self.batch_size.labels(self.service).observe(num_items)
-        self.batch_tokens.labels(self.service).observe(num_tokens)
-        self.batch_seconds.labels(self.service).observe(seconds)
+        self._of(self.batch_size).observe(num_items)
+        self._of(self.batch_tokens).observe(num_tokens)
+        self._of(self.batch_seconds).observe(seconds)
         self.observe_tokens(num_tokens, seconds)
 
     def observe_tokens(self, num_tokens: int, seconds: float) -> None:
         """Count tokens and set the tokens/s gauge from this span."""
-        self.tokens.labels(self.service).inc(num_tokens)
+        self._of(self.tokens).inc(num_tokens)
         if seconds > 0:
-            self.tokens_per_second.labels(self.service).set(num_tokens / seconds)
+            self._of(self.tokens_per_second).set(num_tokens / seconds)
 
     def observe_round(self, num_drafted: int, num_accepted: int) -> None:
         """One speculation round of one sequence."""
-        self.draft_tokens.labels(self.service).inc(num_drafted)
-        self.accepted_tokens.labels(self.service).inc(num_accepted)
-        self.accepted_per_round.labels(self.service).observe(num_accepted)
+        self._of(self.draft_tokens).inc(num_drafted)
+        self._of(self.accepted_tokens).inc(num_accepted)
+        self._of(self.accepted_per_round).observe(num_accepted)
 
     def observe_generation(self, model: str, priority: str, num_tokens: int, ttft_s: float,
                            total_s: float, queue_s: float) -> None:
         """One finished generation (gateway): TTFT, time per output token, queue wait,
         tokens and tokens/s, labelled by the model (name@version) and the priority class."""
-        labels = (self.service, model, priority)
-        self.ttft.labels(*labels).observe(ttft_s)
-        self.queue_wait.labels(*labels).observe(queue_s)
-        self.generated_tokens.labels(*labels).inc(num_tokens)
+        labels = (model, priority)
+        self._of(self.ttft, *labels).observe(ttft_s)
+        self._of(self.queue_wait, *labels).observe(queue_s)
+        self._of(self.generated_tokens, *labels).inc(num_tokens)
         if num_tokens > 1:
-            self.tpot.labels(*labels).observe((total_s - ttft_s) / (num_tokens - 1))
+            self._of(self.tpot, *labels).observe((total_s - ttft_s) / (num_tokens - 1))
         if total_s > 0:
-            self.generation_tps.labels(*labels).observe(num_tokens / total_s)
+            self._of(self.generation_tps, *labels).observe(num_tokens / total_s)
 
     def set_kv_blocks(self, used: int, free: int) -> None:
-        self.kv_blocks_used.labels(self.service).set(used)
-        self.kv_blocks_free.labels(self.service).set(free)
+        self._of(self.kv_blocks_used).set(used)
+        self._of(self.kv_blocks_free).set(free)
 
     def set_queue_depth(self, depth: int) -> None:
-        self.queue_depth.labels(self.service).set(depth)
+        self._of(self.queue_depth).set(depth)
 
     def observe_cache(self, kind: str, hit: bool) -> None:
         """One cache look-up (`kind`: "prefix", "result", ...)."""
-        self.cache_requests.labels(self.service, kind, "hit" if hit else "miss").inc()
+        self._of(self.cache_requests, kind, "hit" if hit else "miss").inc()
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry | ServiceMetrics,
