@@ -3,7 +3,7 @@
 The layer-by-op path runs ~25 PyTorch ops per layer around the four projections and the
 attention (norms, bias, rotary, KV store, residuals, SiLU): ~5-10 us each, which on a small
 draft model costs more than its weights take to stream. When a model serves all four
-projections from fp16 (`kernels.linear.attach_f16`), its attention and norms fit the CPU
+projections from fp16 or int8 (`kernels.linear.attach_f16` / `attach_q8`), its attention and norms fit the CPU
 kernels and the KV cache is fp32, `FusedLayers` runs each layer as one call over the same
 kernels, in the same order, with the glue in C:
 
@@ -33,8 +33,20 @@ _P = ctypes.c_void_p
 
 
 class _Weights(ctypes.Structure):
-    _fields_ = [(name, _P) for name in ("qkv_w", "o_w", "gate_up_w", "down_w", "qkv_b", "o_b",
-                                        "ln1", "ln2")] + [("stream", ctypes.c_int)]
+    _fields_ = [(name, _P) for name in ("qkv_w", "o_w", "gate_up_w", "down_w", "qkv_s", "o_s",
+                                        "gate_up_s", "down_s", "qkv_b", "o_b", "ln1", "ln2")
+                ] + [("stream", ctypes.c_int)]
+
+
+def _served(p) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A projection's kernel weight and its int8 row scales (None: fp16), or None."""
+    if p is None:
+        return None
+    if getattr(p, "weight_q8", None) is not None:
+        return p.weight_q8, p.weight_scale
+    if getattr(p, "weight_f16", None) is not None:
+        return p.weight_f16, None
+    return None
 
 
 _INTS = ("T", "hidden", "ffn", "H", "Hkv", "D", "threads", "attn_threads", "block_size",
@@ -69,16 +81,17 @@ def _layer_weights(layer) -> tuple[_Weights, tuple] | None:
     has no kernel."""
     attn, mlp = layer.self_attn, layer.mlp
     projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if any(p is None or getattr(p, "weight_f16", None) is None for p in projections):
+    served = [_served(p) for p in projections]
+    if any(s is None for s in served):
         return None
     norms = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
     if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
         return None
     biases = tuple(None if p.bias is None else p.bias.detach().float().contiguous()
                    for p in (attn.qkv_proj, attn.o_proj))
-    keep = tuple(p.weight_f16 for p in projections) + norms + biases
-    w = _Weights(*(_ptr(p.weight_f16) for p in projections), *(_ptr(b) for b in biases),
-                 *(_ptr(n) for n in norms),
+    keep = tuple(t for pair in served for t in pair if t is not None) + norms + biases
+    w = _Weights(*(_ptr(w) for w, _ in served), *(_ptr(s) for _, s in served),
+                 *(_ptr(b) for b in biases), *(_ptr(n) for n in norms),
                  int(any(getattr(p, "stream_weights", False) for p in projections)))
     return w, keep
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from specmesh.kernels import cpu_build
+from specmesh.kernels.quantize import dequantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.specmesh_linear_f16
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     fn.restype = None
-    return lib if _self_check(fn) else None
+    q8 = lib.specmesh_linear_q8
+    q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    q8.restype = None
+    return lib if _self_check(fn) and _self_check_q8(q8) else None
 
 
 def _self_check(fn) -> bool:
@@ -50,6 +54,31 @@ def _self_check(fn) -> bool:
     if not ok:
         log.warning("fp16 CPU kernel disagrees with F.linear; not used")
     return ok
+
+
+def _self_check_q8(fn) -> bool:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (37, 48), generator=gen, dtype=torch.int8)  # [N, K]
+    scale = torch.rand(37, generator=gen) / 64  # [N]
+    x = torch.randn(13, 48, generator=gen)  # [M, K]
+    got = _call_q8(fn, x, q, scale)
+    want = F.linear(x, dequantize_rows(q, scale))
+    ok = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5)) and \
+        torch.equal(_call_q8(fn, x[5:6], q, scale), got[5:6])
+    if not ok:
+        log.warning("int8 CPU kernel disagrees with F.linear; not used")
+    return ok
+
+
+def _call_q8(fn, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+             stream: bool = False) -> torch.Tensor:
+    x = x.contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, q.shape[0], dtype=torch.float32)  # [M, N]
+    if rows:
+        fn(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, q.shape[0], k,
+           torch.get_num_threads(), int(stream))
+    return y
 
 
 def _call(fn, x: torch.Tensor, w16: torch.Tensor, stream: bool = False) -> torch.Tensor:
@@ -85,4 +114,15 @@ def linear_f16(x: torch.Tensor, weight_f16: torch.Tensor,
     if lib is None:
         raise RuntimeError("fp16 CPU kernel unavailable (see kernels.cpu_linear.available)")
     y = _call(lib.specmesh_linear_f16, x, weight_f16, stream)
+    return y if bias is None else y.add_(bias)
+
+
+def linear_q8(x: torch.Tensor, weight_q8: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None, stream: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 @ (weight_q8 [N, K] int8 * scale [N])^T (+ bias [N]) -> [M, N] fp32
+    (`kernels.quantize`)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("CPU projection kernels unavailable (see kernels.cpu_linear.available)")
+    y = _call_q8(lib.specmesh_linear_q8, x, weight_q8, scale, stream)
     return y if bias is None else y.add_(bias)

@@ -30,6 +30,7 @@ from torch import nn
 
 from specmesh.kernels import cpu_linear
 from specmesh.kernels.invariant import project_rows
+from specmesh.kernels.quantize import quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,26 @@ def attach_f16(layer: nn.Linear, free_fp32: bool = True) -> bool:
     return True
 
 
+def attach_q8(layer: nn.Linear) -> bool:
+    """Serve `layer` from int8 rows and their scales (`layer.weight_q8`, `layer.weight_scale`;
+    `kernels.quantize`) where the CPU kernel is available; drops the fp32 weight. Lossy: for a
+    draft model only. Returns False (and changes nothing) otherwise."""
+    w = layer.weight
+    if (w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.numel()
+            or w.shape[1] % cpu_linear.K_MULTIPLE or not cpu_linear.available()):
+        return False
+    layer.weight_q8, layer.weight_scale = quantize_rows(w)  # [out, in] int8, [out] fp32
+    layer.weight = nn.Parameter(w.data[:0].clone(), requires_grad=False)
+    return True
+
+
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x [T, in] -> [T, out], equal to `layer(x)` up to summation order."""
+    """x [T, in] -> [T, out], equal to `layer(x)` up to summation order (to int8 rounding for
+    a layer served from `attach_q8`)."""
+    weight_q8 = getattr(layer, "weight_q8", None)
+    if weight_q8 is not None and x.dim() == 2 and x.dtype == torch.float32:
+        return cpu_linear.linear_q8(x, weight_q8, layer.weight_scale, layer.bias,
+                                    getattr(layer, "stream_weights", False))
     weight_f16 = getattr(layer, "weight_f16", None)
     if weight_f16 is not None and x.dim() == 2 and x.dtype == torch.float32:
         return cpu_linear.linear_f16(x, weight_f16, layer.bias,  # batch-invariant already

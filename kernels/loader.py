@@ -43,13 +43,15 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     return [single]
 
 
-def _fingerprint(files: list[pathlib.Path], cfg: ModelConfig, dtype: torch.dtype) -> str:
+def _fingerprint(files: list[pathlib.Path], cfg: ModelConfig, dtype: torch.dtype,
+                 quantize: str = "none") -> str:
     h = hashlib.sha256()
     for f in files:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
-    h.update(repr((cfg, str(dtype), "paged-kv-v1")).encode())
+    extra = () if quantize == "none" else (quantize,)  # unquantized: the fingerprint as ever
+    h.update(repr((cfg, str(dtype), "paged-kv-v1", *extra)).encode())
     return h.hexdigest()[:32]
 
 
@@ -67,10 +69,11 @@ def _read_tensors(files: list[pathlib.Path], progress: Progress | None) -> dict[
 
 def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", fuse: bool = True,
-               progress: Progress | None = None) -> LoadedModel:
+               progress: Progress | None = None, quantize: str = "none") -> LoadedModel:
     """Load `path` (an HF model folder, or a Llama-family `.gguf` file, dequantized) as `dtype`
     on `device`, in eval mode; `fuse` merges q/k/v and gate/up projections (frees the separate
-    copies). `progress` wraps the tensor reads (e.g. `specmesh.wire.progress.progress`)."""
+    copies). `progress` wraps the tensor reads (e.g. `specmesh.wire.progress.progress`).
+    `quantize="int8"`: a draft model's projections in int8 (`kernels.quantize`; CPU only)."""
     path = pathlib.Path(path)
     if gguf.is_gguf(path):
         r = gguf.reader(path)
@@ -93,18 +96,19 @@ def load_model(path: str | pathlib.Path, dtype: torch.dtype = torch.float32,
         raise ValueError(f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
     if fuse:
-        model.fuse()
+        model.fuse(quantize)
     return LoadedModel(model, cfg, path, dtype, torch.device(device),
-                       _fingerprint(files, cfg, dtype))
+                       _fingerprint(files, cfg, dtype, quantize))
 
 
 def load_for_service(path: str | pathlib.Path, dtype: str = "float32", device: str = "cpu",
                      threads: int | None = None, batch_invariant: bool = False,
-                     progress: Progress | None = None) -> LoadedModel:
+                     progress: Progress | None = None, quantize: str = "none") -> LoadedModel:
     """`load_model` as a model service runs it, on the thread that will run every forward:
     `threads` sets torch's intra-op threads first (None keeps torch's default)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded = load_model(path, getattr(torch, dtype), device, progress=progress)
+    loaded = load_model(path, getattr(torch, dtype), device, progress=progress,
+                        quantize=quantize)
     loaded.model.set_batch_invariant(batch_invariant)
     return loaded

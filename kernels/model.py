@@ -15,7 +15,7 @@ from specmesh.kernels import cpu_layer, cpu_norm, weight_arena
 from specmesh.kernels.attention_metadata import AttentionMetadata
 from specmesh.kernels.config import ModelConfig
 from specmesh.kernels.invariant import attention_per_query
-from specmesh.kernels.linear import attach_f16, pack_linear, project
+from specmesh.kernels.linear import attach_f16, attach_q8, pack_linear, project
 from specmesh.kernels.tree_attention import tree_attention
 
 
@@ -191,9 +191,10 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def fuse(self) -> None:
+    def fuse(self, quantize: str = "none") -> None:
         """Prepare for inference: fuse q/k/v and gate/up projections (fewer, larger GEMMs),
-        keep fp16 checkpoints' weights in fp16 for the CPU kernel or else pack them for
+        keep fp16 checkpoints' weights in fp16 for the CPU kernel (in int8 with
+        `quantize="int8"`: a draft's, `kernels.quantize`) or else pack them for
         few-row GEMMs where the CPU has MKL (`kernels.linear`), and
         precompute the rotary table. The separate modules keep their checkpoint names; the
         fused copies are what run."""
@@ -205,7 +206,7 @@ class Transformer(nn.Module):
                 m.weight = nn.Parameter(m.weight.data[:0].clone(), requires_grad=False)
             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                       layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                attach_f16(m) or pack_linear(m)
+                (quantize == "int8" and attach_q8(m)) or attach_f16(m) or pack_linear(m)
         attach_f16(self.lm_head, free_fp32=not self.config.tie_word_embeddings) \
             or pack_linear(self.lm_head)
         self._arena_f16()
@@ -221,14 +222,18 @@ class Transformer(nn.Module):
         mods = [m for layer in self.model.layers
                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                           layer.mlp.gate_up_proj, layer.mlp.down_proj)] + [self.lm_head]
-        mods = [m for m in mods if getattr(m, "weight_f16", None) is not None]
-        stream = weight_arena.streamed(sum(m.weight_f16.nbytes for m in mods))
-        for m in mods:
+        f16 = [m for m in mods if getattr(m, "weight_f16", None) is not None]
+        q8 = [m for m in mods if getattr(m, "weight_q8", None) is not None]
+        stream = weight_arena.streamed(sum(m.weight_f16.nbytes for m in f16)
+                                       + sum(m.weight_q8.nbytes for m in q8))
+        for m in f16 + q8:
             m.stream_weights = stream
         if not weight_arena.enabled():
             return
-        for m, w in zip(mods, weight_arena.pack([m.weight_f16 for m in mods])):
+        for m, w in zip(f16, weight_arena.pack([m.weight_f16 for m in f16])):
             m.weight_f16 = w
+        for m, w in zip(q8, weight_arena.pack([m.weight_q8 for m in q8])):
+            m.weight_q8 = w
 
     def set_batch_invariant(self, on: bool = True) -> None:
         """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention); see

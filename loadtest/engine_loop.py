@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--draft-quantize", default="int8", choices=("none", "int8"),
+                    help="the draft's projection weights (the draft service's default: int8)")
     ap.add_argument("--idle-ms", type=float, default=0.0,
                     help="sleep this long (untimed) before each engine call, as each service "
                          "idles while the other works")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     codec = TextCodec(target_dir)
     prompts = [codec.encode(p) for p in OPEN[:args.num_prompts]]
     t_loaded = load_for_service(target_dir, "float32", "cpu", args.threads)
-    d_loaded = load_for_service(draft_dir, "float32", "cpu", args.threads)
+    d_loaded = load_for_service(draft_dir, "float32", "cpu", args.threads,
+                                quantize=args.draft_quantize)
     verify, draft = VerifyEngine(t_loaded, EngineConfig()), DraftEngine(d_loaded, EngineConfig())
     fused = {True: (t_loaded.model.fused_layers, d_loaded.model.fused_layers),
              False: (None, None)}

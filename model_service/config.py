@@ -16,6 +16,7 @@ from specmesh.wire.config_args import add_dataclass_args, from_args
 from specmesh.wire.security import Security
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ModelServiceConfig:
     batch_invariant: bool = False
     """Bitwise batch-invariant logits (row-wise GEMVs, per-query attention): a sequence's
     output never depends on its batch mates or its tree. Much slower; for reproducibility."""
+    quantize: str = "none"
+    """Draft service only: 'int8' keeps the draft's projection weights in int8 with a scale per
+    output row (CPU kernels; about half the bytes of fp16 a draft step reads). Proposals may
+    differ at near-ties (acceptance); the output never does: the target verifies every token.
+    'none' keeps the checkpoint's weights."""
     threads: int | None = None
     """torch/OpenMP threads of the service's one torch thread; None = torch's default (one per
     core). The draft model is small enough that one thread can beat two (no team wake-ups)."""
@@ -93,6 +99,8 @@ class ModelServiceConfig:
             raise ValueError(f"threads: {self.threads} must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} not in {'/'.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize: {self.quantize!r} not in {'/'.join(QUANTIZE)}")
         if self.method not in ("model", "ngram"):
             raise ValueError(f"method: {self.method!r} not in model/ngram")
         if self.ngram_fleet_key is not None and not (self.ngram_fleet_key and self.cache_addr):

@@ -92,6 +92,9 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     libgomp in throttled-spin mode, ~1.5x slower). Then wrap it in the servicer."""
     if spec.short_name != "draft" and (config.method == "ngram" or config.ngram_fleet_key):
         raise ValueError("--method ngram and --ngram-fleet-key are for the draft service only")
+    if spec.short_name != "draft" and config.quantize != "none":
+        raise ValueError(f"--quantize {config.quantize}: for the draft service only (the "
+                         "verifier's weights are the target model's own)")
     options = spec.servicer_options(config) if spec.servicer_options else {}
     if config.method == "ngram":  # a model-free draft service: nothing to load
         return spec.servicer(None, None, None, metrics, **options)
@@ -100,7 +103,8 @@ async def build_servicer(spec: ServiceSpec, config: ModelServiceConfig,
     engine = None
     worker = make_batcher(lambda items: spec.run_batch(engine, items), config, metrics)
     loaded = await worker.call(load_for_service, config.model, config.dtype, config.device,
-                               config.threads, config.batch_invariant, progress)
+                               config.threads, config.batch_invariant, progress,
+                               config.quantize)
     engine = await worker.call(spec.engine, loaded, config.engine)
     prefix = make_prefix_cache(config.cache_addr, loaded.fingerprint, config.prefix_chunk_size,
                                lambda *args: worker.call(engine.export_prefix, *args), metrics,

@@ -1,4 +1,5 @@
-/* One Llama decoder layer on CPU in one call, from fp16-resident projection weights:
+/* One Llama decoder layer on CPU in one call, from fp16-resident projection weights (or int8
+ * ones with row scales: a quantized draft, kernels/quantize.py):
  *
  *   xn = rms_norm(x, ln1);  qkv = xn @ Wqkv^T (+ b);  q, k = rope(q, k);  cache[slots] = k, v
  *   x += attention(q, cache) @ Wo^T (+ b);  xn = rms_norm(x, ln2)
@@ -21,8 +22,9 @@
 #include "rms_norm_f32.c"
 
 typedef struct {
-  const uint16_t *qkv_w, *o_w, *gate_up_w, *down_w; /* fp16 [N, K] */
-  const float *qkv_b, *o_b;                         /* [N] or NULL */
+  const void *qkv_w, *o_w, *gate_up_w, *down_w;   /* fp16 [N, K], or int8 [N, K] ... */
+  const float *qkv_s, *o_s, *gate_up_s, *down_s;  /* ... with these row scales [N] (else NULL) */
+  const float *qkv_b, *o_b;                       /* [N] or NULL */
   const float *ln1, *ln2;                           /* [hidden] */
   int stream;                                       /* prefetch the weights non-temporally */
 } LayerWeights;
@@ -77,13 +79,22 @@ static void silu_mul(const float *gu, float *act, int T, int ffn) {
   }
 }
 
+/* y [T, N] = x [T, K] @ w^T: fp16 weights, or int8 ones with their row scales */
+static void project(const void *w, const float *scale, const float *x, float *y, int T, int N,
+                    int K, int threads, int stream) {
+  if (scale)
+    specmesh_linear_q8(w, scale, x, y, T, N, K, threads, stream);
+  else
+    specmesh_linear_f16(w, x, y, T, N, K, threads, stream);
+}
+
 /* Returns 0, or -1 when the attention's scratch could not be allocated. */
 int specmesh_layer_f16(float *x, const LayerWeights *w, const Forward *f, float *k_cache,
                        float *v_cache) {
   int T = f->T, hidden = f->hidden, D = f->D, qdim = f->H * D;
   int width = qdim + 2 * f->Hkv * D;
   specmesh_rms_norm(x, w->ln1, f->xn, T, hidden, f->eps);
-  specmesh_linear_f16(w->qkv_w, f->xn, f->qkv, T, width, hidden, f->threads, w->stream);
+  project(w->qkv_w, w->qkv_s, f->xn, f->qkv, T, width, hidden, f->threads, w->stream);
   add_bias(f->qkv, w->qkv_b, T, width);
   rope_store(f, k_cache, v_cache);
   if (specmesh_tree_attention(f->q, k_cache, v_cache, f->block_tables, f->max_blocks,
@@ -91,14 +102,14 @@ int specmesh_layer_f16(float *x, const LayerWeights *w, const Forward *f, float 
                               f->attn, T, f->H, f->Hkv, D, f->block_size, f->max_visible,
                               f->scale, f->attn_threads))
     return -1;
-  specmesh_linear_f16(w->o_w, f->attn, f->h, T, hidden, qdim, f->threads, w->stream);
+  project(w->o_w, w->o_s, f->attn, f->h, T, hidden, qdim, f->threads, w->stream);
   add_bias(f->h, w->o_b, T, hidden);
   residual(x, f->h, (int64_t)T * hidden);
   specmesh_rms_norm(x, w->ln2, f->xn, T, hidden, f->eps);
-  specmesh_linear_f16(w->gate_up_w, f->xn, f->gu, T, 2 * f->ffn, hidden, f->threads,
-                      w->stream);
+  project(w->gate_up_w, w->gate_up_s, f->xn, f->gu, T, 2 * f->ffn, hidden, f->threads,
+          w->stream);
   silu_mul(f->gu, f->act, T, f->ffn);
-  specmesh_linear_f16(w->down_w, f->act, f->h, T, hidden, f->ffn, f->threads, w->stream);
+  project(w->down_w, w->down_s, f->act, f->h, T, hidden, f->ffn, f->threads, w->stream);
   residual(x, f->h, (int64_t)T * hidden);
   return 0;
 }

@@ -12,6 +12,11 @@
  * Tiles of NB weight rows x MB input rows keep NB * MB accumulators in registers (4 x 6 = 24 of
  * the 32 zmm); each converted weight vector feeds MB FMAs, each input vector NB.
  * Requires K % 16 == 0 (loads are unaligned). Built and loaded by kernels/cpu_linear.py.
+ *
+ * `specmesh_linear_q8` is the same product from int8 weights with one fp32 scale per output
+ * row (y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k]), kernels/quantize.py): half the
+ * bytes again, for a draft model whose sweep is bound by how fast one core reads its weights.
+ * The same tiles, order and batch invariance; only the weight load differs.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -20,50 +25,67 @@
 #define NB 4
 #define MB 6
 
-static inline __attribute__((always_inline)) void tile(const uint16_t *w, const float *x,
-                                                       float *y, int N, int K, int n, int nb,
-                                                       int m0, int mb, int nta) {
+/* weight rows n..n+nb as fp32, 16 values from k: fp16 (q8 = 0) or int8 (q8 = 1) storage */
+static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t row, int K,
+                                                           int k, int q8) {
+  if (q8)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128((const __m128i *)((const int8_t *)w + row * K + k))));
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + row * K + k)));
+}
+
+static inline __attribute__((always_inline)) void tile(const void *w, const float *scale,
+                                                       const float *x, float *y, int N, int K,
+                                                       int n, int nb, int m0, int mb, int nta,
+                                                       int q8) {
   __m512 acc[NB][MB];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
   /* the next tile's weight rows, fetched while this one computes (the first pass over a tile
    * only): without it the loads wait on memory and a 9-row product runs ~30% slower */
   const int ahead = m0 == 0 && n + 2 * nb <= N;
-  const uint16_t *next = w + (int64_t)(n + nb) * K;
+  const int esize = q8 ? 1 : 2; /* bytes per weight */
+  const char *next = (const char *)w + (int64_t)(n + nb) * K * esize;
   for (int k = 0; k < K; k += 16) {
     __m512 wv[NB];
-    if (ahead && nta)
-      for (int j = 0; j < nb; j++)
-        _mm_prefetch((const char *)(next + (int64_t)j * K + k), _MM_HINT_NTA);
-    else if (ahead)
-      for (int j = 0; j < nb; j++)
-        _mm_prefetch((const char *)(next + (int64_t)j * K + k), _MM_HINT_T0);
-    for (int j = 0; j < nb; j++)
-      wv[j] = _mm512_cvtph_ps(
-          _mm256_loadu_si256((const __m256i *)(w + (int64_t)(n + j) * K + k)));
+    /* one line per 64 bytes: every k step for fp16 weights, every other one for int8 */
+    if (ahead && (!q8 || (k & 16) == 0)) {
+      for (int j = 0; j < nb; j++) {
+        const char *at = next + ((int64_t)j * K + k) * esize;
+        if (nta)
+          _mm_prefetch(at, _MM_HINT_NTA);
+        else
+          _mm_prefetch(at, _MM_HINT_T0);
+      }
+    }
+    for (int j = 0; j < nb; j++) wv[j] = load_w(w, n + j, K, k, q8);
     for (int i = 0; i < mb; i++) {
       __m512 xv = _mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k);
       for (int j = 0; j < nb; j++) acc[j][i] = _mm512_fmadd_ps(wv[j], xv, acc[j][i]);
     }
   }
   for (int j = 0; j < nb; j++)
-    for (int i = 0; i < mb; i++)
-      y[(int64_t)(m0 + i) * N + n + j] = _mm512_reduce_add_ps(acc[j][i]);
+    for (int i = 0; i < mb; i++) {
+      float sum = _mm512_reduce_add_ps(acc[j][i]);
+      y[(int64_t)(m0 + i) * N + n + j] = q8 ? sum * scale[n + j] : sum;
+    }
 }
 
-/* mb is a compile-time constant in each call, so the accumulators stay in registers */
-#define TILE(nb)                                              \
-  switch (mb) {                                               \
-    case 1: tile(w, x, y, N, K, n, nb, m0, 1, nta); break;    \
-    case 2: tile(w, x, y, N, K, n, nb, m0, 2, nta); break;    \
-    case 3: tile(w, x, y, N, K, n, nb, m0, 3, nta); break;    \
-    case 4: tile(w, x, y, N, K, n, nb, m0, 4, nta); break;    \
-    case 5: tile(w, x, y, N, K, n, nb, m0, 5, nta); break;    \
-    default: tile(w, x, y, N, K, n, nb, m0, MB, nta); break;  \
+/* mb and q8 are compile-time constants in each call, so the accumulators stay in registers */
+#define TILE(nb)                                                           \
+  switch (mb) {                                                            \
+    case 1: tile(w, scale, x, y, N, K, n, nb, m0, 1, nta, q8); break;      \
+    case 2: tile(w, scale, x, y, N, K, n, nb, m0, 2, nta, q8); break;      \
+    case 3: tile(w, scale, x, y, N, K, n, nb, m0, 3, nta, q8); break;      \
+    case 4: tile(w, scale, x, y, N, K, n, nb, m0, 4, nta, q8); break;      \
+    case 5: tile(w, scale, x, y, N, K, n, nb, m0, 5, nta, q8); break;      \
+    default: tile(w, scale, x, y, N, K, n, nb, m0, MB, nta, q8); break;    \
   }
 
-static void columns(const uint16_t *w, const float *x, float *y, int M, int N, int K, int n0,
-                    int n1, int nta) {
+static inline __attribute__((always_inline)) void columns(const void *w, const float *scale,
+                                                          const float *x, float *y, int M,
+                                                          int N, int K, int n0, int n1,
+                                                          int nta, int q8) {
   /* weight tiles outer (each read from memory once), input rows inner (they stay in cache) */
   int n = n0;
   for (; n + NB <= n1; n += NB)
@@ -78,6 +100,16 @@ static void columns(const uint16_t *w, const float *x, float *y, int M, int N, i
     }
 }
 
+static void columns_f16(const void *w, const float *x, float *y, int M, int N, int K, int n0,
+                        int n1, int nta) {
+  columns(w, 0, x, y, M, N, K, n0, n1, nta, 0);
+}
+
+static void columns_q8(const void *w, const float *scale, const float *x, float *y, int M,
+                       int N, int K, int n0, int n1, int nta) {
+  columns(w, scale, x, y, M, N, K, n0, n1, nta, 1);
+}
+
 /* Output columns are split evenly (in multiples of NB) across `threads` OpenMP threads.
  * `stream`: the weight is read once per forward and is part of a model far bigger than the
  * last-level cache, so its tiles are prefetched non-temporally (PREFETCHNTA): streaming it
@@ -90,6 +122,18 @@ void specmesh_linear_f16(const uint16_t *w, const float *x, float *y, int M, int
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int per = ((N + nt - 1) / nt + NB - 1) / NB * NB;
     int n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) columns(w, x, y, M, N, K, n0, n1, stream);
+    if (n0 < n1) columns_f16(w, x, y, M, N, K, n0, n1, stream);
+  }
+}
+
+/* The same from int8 weights q [N, K] and their row scales [N]. */
+void specmesh_linear_q8(const int8_t *w, const float *scale, const float *x, float *y, int M,
+                        int N, int K, int threads, int stream) {
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int per = ((N + nt - 1) / nt + NB - 1) / NB * NB;
+    int n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    if (n0 < n1) columns_q8(w, scale, x, y, M, N, K, n0, n1, stream);
   }
 }

@@ -35,8 +35,11 @@ def _runner(model) -> ModelRunner:
 
 
 @needs_kernels
-def test_chain_equals_a_forward_and_argmax_per_depth():
-    model = _model(layers=3)
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_chain_equals_a_forward_and_argmax_per_depth(quantize):
+    model = _model(layers=3, quantize=quantize)
+    assert (getattr(model.model.layers[0].mlp.down_proj, "weight_q8", None) is not None) \
+        == (quantize == "int8")
     chain = cpu_chain.ChainRunner.build(model)
     assert chain is not None
     py, c = _runner(model), _runner(model)
@@ -65,15 +68,17 @@ def test_not_used_where_the_model_does_not_run_fused(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_draft_engine_proposes_the_same_chains(models, temperature):
+@pytest.mark.parametrize("temperature,quantize", [(0.0, "none"), (0.8, "none"),
+                                                  (0.0, "int8"), (0.8, "int8")])
+def test_draft_engine_proposes_the_same_chains(models, temperature, quantize):
     from specmesh.draft_service.engine import DraftEngine, ProposeItem
     from specmesh.kernels import load_for_service
     from specmesh.kernels.sampling import SamplingConfig
     from specmesh.model_service.config import EngineConfig
     from specmesh.wire.tree_spec import TreeSpec
 
-    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", None)
+    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", None,
+                              quantize=quantize)
     engines = [DraftEngine(loaded, EngineConfig()) for _ in range(2)]
     assert engines[0].chain is not None
     engines[1].chain = None  # the Python path
@@ -104,7 +109,8 @@ def test_sampled_chains_run_in_one_c_call(models, monkeypatch):
     from specmesh.model_service.config import EngineConfig
     from specmesh.wire.tree_spec import TreeSpec
 
-    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", None)
+    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", None,
+                              quantize="int8")  # as the draft service serves it
     engines = [DraftEngine(loaded, EngineConfig()) for _ in range(2)]
     engines[1].chain = None  # the Python path
     calls = []

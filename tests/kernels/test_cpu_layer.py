@@ -16,8 +16,9 @@ needs_kernels = pytest.mark.skipif(not cpu_linear.available() or cpu_layer._libr
                                    reason="CPU kernels unavailable (no compiler or AVX-512)")
 
 
-def _model(qkv_bias: bool = False, layers: int = 2) -> Transformer:
-    """A small Llama whose weights are fp16 values (so they are served from fp16)."""
+def _model(qkv_bias: bool = False, layers: int = 2, quantize: str = "none") -> Transformer:
+    """A small Llama whose weights are fp16 values (so they are served from fp16; int8 with
+    `quantize="int8"`)."""
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=layers,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
@@ -29,7 +30,7 @@ def _model(qkv_bias: bool = False, layers: int = 2) -> Transformer:
             p.copy_((torch.randn_like(p) * 0.2).half().float())
         for layer in model.model.layers:  # norms away from 1: their weights matter
             layer.input_layernorm.weight.add_(0.5)
-    model.fuse()
+    model.fuse(quantize)
     return model.eval()
 
 
