@@ -133,3 +133,28 @@ def test_first_two_tokens_follow_the_target(models, target_pairs, spec):
     total = sum(cond.values())
     p_value, tv, _ = check(seconds, {b: p / total for b, p in cond.items()})
     assert len(seconds) > 200 and p_value > 0.01, (len(seconds), p_value)
+
+
+def _int8_draft(models):
+    """The 5M stand-in draft with int8 projections (the draft service's default) drafting for
+    the tiny target (same vocabulary): its proposals differ from the target's model, the
+    output distribution must not."""
+    from specmesh.kernels import load_for_service
+
+    loaded = load_for_service(models / "stories260K-draft2L-wide5M", "float32", "cpu", 1,
+                              quantize="int8")
+    assert loaded.model.model.layers[0].mlp.down_proj.weight_q8 is not None
+    return DraftEngine(loaded, EngineConfig(kv_cache_mb=256))
+
+
+def test_an_int8_draft_keeps_the_target_distribution(models, target_pairs):
+    """(tests/test_sampling_int8_draft.py runs a CI-sized version by default)"""
+    check_int8_draft(models, target_pairs, NUM_SAMPLES, max_tv=0.03)
+
+
+def check_int8_draft(models, target_pairs, num_samples: int, max_tv: float) -> None:
+    pairs, _ = sample_pairs(models, TreeSpec.parse("chain:3"), draft=_int8_draft(models),
+                            num_samples=num_samples)
+    p_value, tv, unexpected = check(pairs, target_pairs)
+    assert not unexpected, f"tokens outside the target's support: {unexpected[:5]}"
+    assert p_value > 0.01 and tv < max_tv, (p_value, tv)
