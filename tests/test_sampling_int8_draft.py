@@ -5,20 +5,15 @@ continuations, chi-square and total variation against HF's own warpers on the ta
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import TINY_TARGET
-from tests.test_sampling_lossless import check_int8_draft, hf_target_pairs
+from tests.test_sampling_lossless import (
+    check_int8_draft,
+    hf_target_pairs,
+    one_thread,  # noqa: F401 - autouse: one torch thread
+)
 
 pytestmark = pytest.mark.models
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_an_int8_draft_keeps_the_target_distribution(models):
