@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from specmesh.clients.batch_loop import BatchLoop, PerRequestPolicy, RoundEvent
+from specmesh.clients.detokenize import IncrementalText
 from specmesh.clients.replicas import ReplicaSet
 from specmesh.clients.result_cache import ResultCache
 from specmesh.clients.scheduler import Scheduler, SchedulerConfig, SequenceRequest
@@ -212,6 +213,7 @@ class _Generation:
         self.client, self.prompt_ids, self.params, self.spec = client, prompt_ids, params, spec
         self.seq_id = uuid.uuid4().hex
         self.generated: list[int] = []
+        self.decoded = IncrementalText(client.text, getattr(client.codec, "irregular_ids", ()))
         self.text = ""
         self.stats = GenerationStats()
         self.start = time.perf_counter()
@@ -219,7 +221,7 @@ class _Generation:
 
     def _event(self, new: list[int], finish: str | None, matched: str = "") -> StreamEvent:
         self.generated += new
-        text = visible_text(self.client.text(self.generated), self.params.stop,
+        text = visible_text(self.decoded.extend(new), self.params.stop,
                             finished=finish is not None)
         delta = text[len(self.text):] if text.startswith(self.text) else ""
         self.text = text if text.startswith(self.text) else self.text
