@@ -251,7 +251,7 @@ class _Generation:
         try:
             async for item in events:
                 finish, matched = item.finish_reason, ""
-                cut = first_stop(self.client.text, self.generated, item.tokens,
+                cut = first_stop(self._text_of, self.generated, item.tokens,
                                  self.params.stop)
                 if cut is not None:  # keep exactly what one token per round would keep
                     item = replace(item, tokens=item.tokens[:cut[0]])
@@ -263,6 +263,10 @@ class _Generation:
                     return
         finally:
             await events.aclose()
+
+    def _text_of(self, ids: list[int]) -> str:
+        """decode(ids) for ids extending this generation's, without decoding it all again."""
+        return self.decoded.peek(ids[len(self.decoded.ids):])
 
     def _account(self, ev: RoundEvent) -> None:
         s = self.stats

@@ -44,6 +44,16 @@ class IncrementalText:
         self._prefix = start
         return self.text
 
+    def peek(self, new: Sequence[int]) -> str:
+        """The text `extend(new)` would return, changing nothing (stop-string checks try a
+        round's tokens one prefix at a time)."""
+        size, text, prefix = len(self.ids), self.text, self._prefix
+        try:
+            return self.extend(new)
+        finally:
+            del self.ids[size:]
+            self.text, self._prefix = text, prefix
+
     def _full(self, start: int) -> str:
         self.text = self._decode(self.ids)
         self._prefix = start

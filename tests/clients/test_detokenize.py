@@ -36,7 +36,10 @@ def _check(codec: TextCodec, ids: list[int], rng: random.Random) -> None:
     text, i = IncrementalText(codec.decode, codec.irregular_ids), 0
     while i < len(ids):
         step = rng.randint(1, 6)  # a round commits 1..6 tokens
+        peeked = text.peek(ids[i:i + step])
+        assert text.ids == ids[:i]  # peeking changed nothing
         got = text.extend(ids[i:i + step])
+        assert peeked == got
         i += step
         assert got == codec.decode(ids[:i]), (i, got[-40:], codec.decode(ids[:i])[-40:])
 
