@@ -55,11 +55,17 @@ static int visible(int32_t *pos, int prefix, int tree_start, const uint64_t *mas
   return n;
 }
 
-static void query(const float *q, const Kv *kv, int head_off, const int32_t *pos, int n,
+/* The cache offsets of a query's visible positions, once per query (not per head and
+ * position: the block lookup divides by the block size) */
+static void offsets(const Kv *kv, const int32_t *pos, int n, int64_t *off) {
+  for (int j = 0; j < n; j++) off[j] = slot(kv, pos[j]);
+}
+
+static void query(const float *q, const Kv *kv, int head_off, const int64_t *off, int n,
                   float *s, float *out, int chunks, float scale) {
   float m = -FLT_MAX;
   for (int j = 0; j < n; j++) {
-    float x = scale * dot(q, kv->k + slot(kv, pos[j]) + head_off, chunks);
+    float x = scale * dot(q, kv->k + off[j] + head_off, chunks);
     s[j] = x;
     m = x > m ? x : m;
   }
@@ -71,7 +77,7 @@ static void query(const float *q, const Kv *kv, int head_off, const int32_t *pos
   for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
   for (int j = 0; j < n; j++) {
     __m512 p = _mm512_set1_ps(s[j]);
-    const float *vr = kv->v + slot(kv, pos[j]) + head_off;
+    const float *vr = kv->v + off[j] + head_off;
     for (int c = 0; c < chunks; c++)
       acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), acc[c]);
   }
@@ -90,9 +96,11 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
   int group = H / Hkv, chunks = D / 16;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    float *s = malloc(sizeof(float) * (max_visible > 0 ? max_visible : 1));
-    int32_t *pos = malloc(sizeof(int32_t) * (max_visible > 0 ? max_visible : 1));
-    if (!s || !pos) {
+    size_t cap = max_visible > 0 ? (size_t)max_visible : 1;
+    float *s = malloc(sizeof(float) * cap);
+    int32_t *pos = malloc(sizeof(int32_t) * cap);
+    int64_t *off = malloc(sizeof(int64_t) * cap);
+    if (!s || !pos || !off) {
       failed = 1;
     } else {
       int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -110,13 +118,15 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
           kv = (Kv){k_cache, v_cache, block_tables + b * max_blocks, block_size, Hkv * D};
           n = visible(pos, q_prefix_lens[t], tree_starts[b],
                       tree_masks + (int64_t)t * MASK_WORDS);
+          offsets(&kv, pos, n, off);
         }
-        query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, pos, n, s,
+        query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, off, n, s,
               out + ((int64_t)t * H + h) * D, chunks, scale);
       }
     }
     free(s);
     free(pos);
+    free(off);
   }
   return failed ? -1 : 0;
 }
