@@ -250,6 +250,9 @@ async def test_speculative_greedy_end_to_end_with_tls_and_tokens(models, pki):
                                        security=pki.client()) as client:
             spec = await client.generate(STORY, 40, ignore_eos=True)
             plain = await client.generate(STORY, 40, ignore_eos=True, speculate=False)
+            stubs = client._loop.stubs  # the round streams carried the token too
+            assert stubs.verify_call.streaming and stubs.verify_call.num_opened == 1
+            assert stubs.propose_call.streaming and stubs.propose_call.num_opened == 1
     assert spec.token_ids == plain.token_ids and spec.stats.num_accepted_tokens > 0
 
 
