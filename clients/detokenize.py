@@ -1,6 +1,6 @@
 """Text of a growing token sequence, decoded a short window per step (pure, no I/O).
 
-    text = IncrementalText(codec.decode, unsafe_ids=codec.byte_token_ids)
+    text = IncrementalText(codec.decode, unsafe_ids=codec.irregular_ids)
     text.extend(new_ids)   # == codec.decode(all ids so far), without decoding them all again
 
 Re-decoding a whole generation every round costs O(length) per round (~0.4 ms at 2,048
@@ -9,9 +9,10 @@ generation). As vLLM and TGI do, each step decodes only the tokens since the pre
 start (`prefix`) and appends what they add beyond the previous step's text; the window's own
 first token keeps its context, so a leading space it carries is not stripped. Exactness is kept
 by decoding everything instead (once, for that step) where a window cannot be trusted to join:
-the new text holds U+FFFD (a character whose bytes are still arriving), or a byte-fallback token
-(`<0x41>`) is in the window (a run of byte tokens decodes as a unit). Property-tested against
-full decodes (tests/clients/test_detokenize.py).
+the new text holds U+FFFD (a character whose bytes are still arriving), or the window holds a
+byte-fallback token (`<0x41>`: a run of them decodes as a unit) or a special one (dropped from
+the text, so the token after it would lose its leading space). Property-tested against full
+decodes on two tokenizer families (tests/clients/test_detokenize.py).
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from specmesh.wire.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 _FAILOVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_STREAMS = {"ProposeBatch": "ProposeStream", "VerifyBatch": "VerifyStream"}
 
 
 def expand(target: str) -> list[str]:
@@ -70,7 +69,7 @@ class Replica:
     def batch_call(self, method: str):
         """The replica's `method` (ProposeBatch, VerifyBatch) over its own open stream."""
         if method not in self.calls:
-            self.calls[method] = batch_method(self.stub, method, _STREAMS[method])
+            self.calls[method] = batch_method(self.stub, method)
         return self.calls[method]
 
 

@@ -18,7 +18,6 @@ A service without the stream method (UNIMPLEMENTED) is called unary from then on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,35 +28,14 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
-def _deadline(timeout: float | None):
-    """A context that raises TimeoutError after `timeout` s (none: no limit)."""
+async def _within(timeout: float | None, work):
+    """Await `work` (a coroutine); asyncio.TimeoutError after `timeout` s (None: no limit)."""
     if timeout is None:
-        return contextlib.nullcontext()
+        return await work
     if hasattr(asyncio, "timeout"):  # Python 3.11+: no task per call
-        return asyncio.timeout(timeout)
-    return _WaitFor(timeout)
-
-
-class _WaitFor:
-    """asyncio.timeout for Python 3.10: cancel the awaiting task at the deadline."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-
-    async def __aenter__(self):
-        task = asyncio.current_task()
-        self._fired = False
-
-        def fire() -> None:
-            self._fired = True
-            task.cancel()
-        self._handle = asyncio.get_running_loop().call_later(self.timeout, fire)
-
-    async def __aexit__(self, kind, exc, tb):
-        self._handle.cancel()
-        if self._fired and kind is asyncio.CancelledError:
-            raise TimeoutError from exc
-        return False
+        async with asyncio.timeout(timeout):
+            return await work
+    return await asyncio.wait_for(work, timeout)
 
 
 class RoundStream:
@@ -87,7 +65,7 @@ class RoundStream:
                 if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 self.streaming = False
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 self.close()
                 raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"no response within {timeout} s") from None
@@ -103,22 +81,24 @@ class RoundStream:
         if fresh:
             self._call = self._open_stream()
             self.num_opened += 1
-        async with _deadline(timeout):
-            try:
-                await self._call.write(request)
-            except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as exc:
-                if fresh and isinstance(exc, grpc.aio.AioRpcError):
-                    raise  # refused (UNAUTHENTICATED, UNIMPLEMENTED, unreachable)
-                # a stream that served before ended just now (its service stopping)
-                raise _rpc_error(grpc.StatusCode.UNAVAILABLE,
-                                 f"the stream ended before this request ({exc})") from None
-            reply = await self._call.read()
+        reply = await _within(timeout, self._write_read(request, fresh))
         if reply is grpc.aio.EOF:
             code = await self._call.code()
             details = await self._call.details()
             raise _rpc_error(code if code != grpc.StatusCode.OK else grpc.StatusCode.UNAVAILABLE,
                              details or "the stream ended before answering")
         return reply
+
+    async def _write_read(self, request, fresh: bool):
+        try:
+            await self._call.write(request)
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as exc:
+            if fresh and isinstance(exc, grpc.aio.AioRpcError):
+                raise  # refused (UNAUTHENTICATED, UNIMPLEMENTED, unreachable)
+            # a stream that served before ended just now (its service stopping)
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE,
+                             f"the stream ended before this request ({exc})") from None
+        return await self._call.read()
 
     def close(self) -> None:
         """Cancel the open stream, if any (the next call opens a new one)."""
@@ -127,9 +107,13 @@ class RoundStream:
             self._call = None
 
 
-def batch_method(stub, unary: str, stream: str) -> Callable[..., Any]:
-    """The stub's `unary` batch method, over a RoundStream when the stub has `stream` (a
-    generated stub; a ReplicaSet splits batches by replica, each replica with its own)."""
+STREAMS = {"ProposeBatch": "ProposeStream", "VerifyBatch": "VerifyStream"}
+
+
+def batch_method(stub, unary: str) -> Callable[..., Any]:
+    """The stub's `unary` batch method (a key of STREAMS), over a RoundStream when the stub has
+    its stream (a generated stub; a ReplicaSet splits batches by replica, each with its own)."""
+    stream = STREAMS[unary]
     if not hasattr(stub, stream):
         return getattr(stub, unary)
     return RoundStream(getattr(stub, stream), getattr(stub, unary))

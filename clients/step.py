@@ -41,13 +41,11 @@ class Stubs:
         self.draft = draft
         self.verify = verify
         # the round's two calls, each over one open stream where the stub has one
-        self.propose_call = (batch_method(draft, "ProposeBatch", "ProposeStream")
-                             if draft is not None else None)
-        self.verify_call = batch_method(verify, "VerifyBatch", "VerifyStream")
+        self.propose_call = batch_method(draft, "ProposeBatch") if draft is not None else None
+        self.verify_call = batch_method(verify, "VerifyBatch")
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self.retry_deadline_s = retry_deadline_s  # a sequence's verify outage before it fails
-
 
     def close(self) -> None:
         for call in (self.propose_call, self.verify_call):

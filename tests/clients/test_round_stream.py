@@ -82,7 +82,7 @@ async def test_calls_share_one_stream_and_are_counted_per_request(serve):
     metrics = ServiceMetrics("verify")
     servicer = EchoStream()
     stub = await serve(servicer, metrics)
-    call = batch_method(stub, "VerifyBatch", "VerifyStream")
+    call = batch_method(stub, "VerifyBatch")
     assert isinstance(call, RoundStream)
     for n in range(1, 6):
         assert tokens(await call(batch("a" * n, "bb"), timeout=5)) == [n, 2]
@@ -96,7 +96,7 @@ async def test_calls_share_one_stream_and_are_counted_per_request(serve):
 
 async def test_a_timeout_is_deadline_exceeded_and_the_next_call_gets_its_own_reply(serve):
     servicer = EchoStream()
-    call = batch_method(await serve(servicer), "VerifyBatch", "VerifyStream")
+    call = batch_method(await serve(servicer), "VerifyBatch")
     assert tokens(await call(batch("x"), timeout=5)) == [1]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(batch("slow"), timeout=0.2)
@@ -107,7 +107,7 @@ async def test_a_timeout_is_deadline_exceeded_and_the_next_call_gets_its_own_rep
 
 
 async def test_a_cancelled_call_drops_its_stream(serve):
-    call = batch_method(await serve(EchoStream()), "VerifyBatch", "VerifyStream")
+    call = batch_method(await serve(EchoStream()), "VerifyBatch")
     slow = asyncio.ensure_future(call(batch("slow"), timeout=None))
     await asyncio.sleep(0.2)
     slow.cancel()
@@ -120,7 +120,7 @@ async def test_a_cancelled_call_drops_its_stream(serve):
 
 async def test_a_failed_batch_fails_that_call_with_its_status_only(serve):
     metrics = ServiceMetrics("verify")
-    call = batch_method(await serve(EchoStream(), metrics), "VerifyBatch", "VerifyStream")
+    call = batch_method(await serve(EchoStream(), metrics), "VerifyBatch")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(batch("bad"), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -136,7 +136,7 @@ async def test_a_failed_batch_fails_that_call_with_its_status_only(serve):
 
 async def test_a_service_without_the_stream_is_called_unary(serve):
     servicer = Echo()  # VerifyStream: the generated base answers UNIMPLEMENTED
-    call = batch_method(await serve(servicer), "VerifyBatch", "VerifyStream")
+    call = batch_method(await serve(servicer), "VerifyBatch")
     assert tokens(await call(batch("ab"), timeout=5)) == [2]
     assert tokens(await call(batch("abc"), timeout=5)) == [3]
     assert call.streaming is False and servicer.batches == 2
@@ -148,12 +148,12 @@ async def test_a_stub_without_the_stream_method_keeps_its_own_call():
             return "unary"
 
     replicas = Replicas()
-    assert await batch_method(replicas, "VerifyBatch", "VerifyStream")(batch("a")) == "unary"
+    assert await batch_method(replicas, "VerifyBatch")(batch("a")) == "unary"
 
 
 async def test_the_loading_proxy_forwards_streams(serve):
     proxy = ServicerProxy(EchoStream)
-    call = batch_method(await serve(proxy), "VerifyBatch", "VerifyStream")
+    call = batch_method(await serve(proxy), "VerifyBatch")
     with pytest.raises(grpc.aio.AioRpcError) as info:  # no model yet
         await call(batch("a"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -169,8 +169,7 @@ async def test_a_graceful_stop_ends_open_streams_without_waiting_out_its_grace(s
     loop = asyncio.get_running_loop()
     for busy in (False, True):
         out: list = []
-        idle_call = batch_method(await serve(EchoStream(), server_out=out), "VerifyBatch",
-                                 "VerifyStream")
+        idle_call = batch_method(await serve(EchoStream(), server_out=out), "VerifyBatch")
         assert tokens(await idle_call(batch("ab"), timeout=5)) == [2]
         pending = asyncio.ensure_future(idle_call(batch("wait"), timeout=5)) if busy else None
         await asyncio.sleep(0.1)
