@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
             self.use_kernel = cpu_norm.fits(x, self.weight)
         if self.use_kernel and x.dtype == torch.float32 and x.dim() == 2:
             return cpu_norm.rms_norm(x, self.weight, self.eps)  # one call, rows independent
-        if x.dtype == torch.float32:  # one op; HF's formula below up to rounding
+        if x.dtype == torch.float32 or x.is_cuda:  # one op; HF's formula below up to rounding
+            # (on a GPU in 16 bits: fp32 math rounded once, where HF rounds before the weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
     ap.add_argument("--draft-quantize", default="int8", choices=("none", "int8"),
                     help="the draft's projection weights (the draft service's default: int8)")
     ap.add_argument("--idle-ms", type=float, default=0.0,
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     target_dir, draft_dir = resolve_pair(args.target, args.draft)
     codec = TextCodec(target_dir)
     prompts = [codec.encode(p) for p in OPEN[:args.num_prompts]]
-    t_loaded = load_for_service(target_dir, "float32", "cpu", args.threads)
-    d_loaded = load_for_service(draft_dir, "float32", "cpu", args.threads,
+    t_loaded = load_for_service(target_dir, args.dtype, args.device, args.threads)
+    d_loaded = load_for_service(draft_dir, args.dtype, args.device, args.threads,
                                 quantize=args.draft_quantize)
     verify, draft = VerifyEngine(t_loaded, EngineConfig()), DraftEngine(d_loaded, EngineConfig())
     fused = {True: (t_loaded.model.fused_layers, d_loaded.model.fused_layers),
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = outputs[("target-only", True)]
     same = all(o == reference for o in outputs.values())
     print(f"engine loop: {target_dir.name} + {draft_dir.name}, {len(prompts)} prompts x "
-          f"{args.max_new_tokens} tokens, {args.repeats} repeats, fused layers "
+          f"{args.max_new_tokens} tokens, {args.repeats} repeats, {args.device} "
+          f"{args.dtype}, fused layers "
           f"{'on/off' if args.ab_cpu_layer else 'on'}, idle {args.idle_ms:g} ms before each call")
     print(f"{'mode':24s} {'tok/round':>9s} {'propose ms':>11s} {'verify ms':>10s} "
           f"{'tok/s':>9s} {'x target':>8s}")
