@@ -151,7 +151,9 @@ class BatchLoop:
         by_seq = {d.seq_id: self._usable(d.seq_id, p) for d, p in zip(drafting, proposed)}
         proposals = [by_seq.get(d.seq_id) for d in steps]
         depth = max((_depth(p) for p in proposals), default=0)
-        if depth:
+        if depth and all(_is_chain(p) for p in proposals if p is not None):
+            # the policy sizes chains: a wider tree's round (another mode's sequence) would
+            # teach it a draft cost per depth that its chains never pay
             self.policy.adaptive.observe_draft(depth, t1 - t0)
         # a sequence may have ended meanwhile (stop string seen, stream closed): skip it
         todo = [i for i, (d, p) in enumerate(zip(steps, proposals))
@@ -256,6 +258,13 @@ class BatchLoop:
 
 def _is_error(proposal) -> bool:
     return isinstance(proposal, BaseException)
+
+
+def _is_chain(proposal) -> bool:
+    """A proposal whose tree is one path (or an error / empty tree: no draft cost to learn)."""
+    if not isinstance(proposal, draft_pb2.ProposeResponse):
+        return True
+    return all(p == i - 1 for i, p in enumerate(proposal.tree.parents))
 
 
 def _depth(proposal) -> int:

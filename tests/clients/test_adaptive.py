@@ -129,6 +129,19 @@ def test_exploration_tries_k1_every_n_rounds_at_zero():
     assert p.choose("s", 1) > 0
 
 
+def test_exploration_drafts_at_the_depth_rated_best_not_at_one():
+    """A draft call with a large fixed cost (a GPU's: the round trip and the first forward)
+    makes depth 1 the worst depth to try; the explored round drafts where the model rates
+    drafting best: 1.75 / (2 + 4 + 4) ms beats 1.5 / 9 and 1.875 / 11 at acceptance 0.5."""
+    p = policy(prior_acceptance=0.5, explore_every=2)
+    for tokens in (1, 100):  # 4 ms whatever the batch
+        p.observe_verify(tokens, 0.004)
+    for depth, seconds in ((1, 0.005), (4, 0.008)):  # 4 ms per call + 1 ms per depth
+        p.observe_draft(depth, seconds)
+    assert p.best_depth("s", 1) == 0  # plain decoding: 1 / 4 ms beats every depth
+    assert [p.choose("s", 1) for _ in range(4)] == [0, 2, 0, 2]
+
+
 def test_tree_width_scales_budgets_and_verify_cost():
     p = measured(prior_acceptance=0.9, k_max=8, tree_width=4)
     nodes = p.choose("s", batch_tokens=1)
