@@ -6,8 +6,8 @@ draft_time(k) + verify_time(batch tokens), and the batch grows by k tokens per d
 We pick the k in 0..k_max with the most expected tokens per second, where k = 0 is plain decoding
 (no draft call, 1 token per verify_time(batch tokens)); speculation must beat it by `min_speedup`.
 Under load verify time grows with tokens, so k shrinks, down to 0. A sequence held at 0 drafts
-every `explore_every`-th round anyway, at the depth the model rates best among k >= 1: the
-measurement that can bring it back. (Exploring at k = 1 was a trap wherever a draft call has a
+now and then anyway (after `explore_every` rounds, then backing off), at the depth the model
+rates best among k >= 1: the measurement that can bring it back. (Exploring at k = 1 was a trap wherever a draft call has a
 large fixed cost, as on a GPU: depth 1 is then the worst depth, looks like it, and never wins.)
 
 Measured, all as exponentially weighted moving averages:
@@ -106,7 +106,9 @@ class AdaptiveConfig:
     min_speedup: float = 1.05
     """Speculate only when expected tokens/s beats plain decoding by this factor."""
     explore_every: int = 8
-    """A sequence held at k = 0 drafts on every explore_every-th round (0 = never)."""
+    """A sequence held at k = 0 drafts after explore_every rounds there (0 = never), then after
+    twice as many each time that did not bring it back, up to 16x: where drafting never pays
+    (text the draft cannot predict) the explorations' cost fades to ~1/128 of the rounds."""
 
     def __post_init__(self):
         if self.k_max < 0:
@@ -147,6 +149,7 @@ class _Acceptance:
 class _SequenceState:
     acceptance: _Acceptance
     zero_streak: int = 0
+    explore_gap: int = 0  # rounds at 0 before the next exploration (0: explore_every)
 
 
 @dataclass
@@ -241,14 +244,15 @@ class AdaptiveSpeculation:
         exploring would make the whole round wait for the draft)."""
         k = self.best_depth(seq_id, batch_tokens, batch_size)
         state = self._state(seq_id)
+        every = self.config.explore_every
         if k > 0:
-            state.zero_streak = 0
+            state.zero_streak, state.explore_gap = 0, every
         else:
             state.zero_streak += 1
-            every = self.config.explore_every
-            if every and batch_size <= 1 and state.zero_streak >= every \
+            gap = state.explore_gap or every
+            if every and batch_size <= 1 and state.zero_streak >= gap \
                     and self.config.k_max >= 1:
-                state.zero_streak = 0
+                state.zero_streak, state.explore_gap = 0, min(2 * gap, 16 * every)
                 k = self._explore_depth(seq_id, batch_tokens)
         return k * self.config.tree_width
 

@@ -120,13 +120,15 @@ def test_load_shrinks_k_down_to_zero():
     assert steep.best_depth("s", batch_tokens=64, batch_size=64) == 0
 
 
-def test_exploration_tries_k1_every_n_rounds_at_zero():
-    p = measured(prior_acceptance=0.05, explore_every=3)
-    assert [p.choose("s", 1) for _ in range(7)] == [0, 0, 1, 0, 0, 1, 0]
+def test_exploration_backs_off_while_it_finds_nothing():
+    p = measured(prior_acceptance=0.05, explore_every=2)
+    # explores after 2 rounds at 0, then 4, then 8 (doubling, at most 16x explore_every)
+    assert [p.choose("s", 1) for _ in range(14)] == [0, 1, 0, 0, 0, 1] + [0] * 7 + [1]
     # a good round brings acceptance (and k) back up
-    for _ in range(10):
+    for _ in range(30):
         p.observe_round("s", depth=1, num_accepted=1)
     assert p.choose("s", 1) > 0
+    assert p._seqs["s"].explore_gap == 2  # drafting again: the next fall starts from 2 rounds
 
 
 def test_exploration_drafts_at_the_depth_rated_best_not_at_one():
@@ -139,7 +141,7 @@ def test_exploration_drafts_at_the_depth_rated_best_not_at_one():
     for depth, seconds in ((1, 0.005), (4, 0.008)):  # 4 ms per call + 1 ms per depth
         p.observe_draft(depth, seconds)
     assert p.best_depth("s", 1) == 0  # plain decoding: 1 / 4 ms beats every depth
-    assert [p.choose("s", 1) for _ in range(4)] == [0, 2, 0, 2]
+    assert [p.choose("s", 1) for _ in range(6)] == [0, 2, 0, 0, 0, 2]
 
 
 def test_tree_width_scales_budgets_and_verify_cost():
