@@ -7,8 +7,9 @@ We pick the k in 0..k_max with the most expected tokens per second, where k = 0 
 (no draft call, 1 token per verify_time(batch tokens)); speculation must beat it by `min_speedup`.
 Under load verify time grows with tokens, so k shrinks, down to 0. A sequence held at 0 drafts
 now and then anyway (after `explore_every` rounds, then backing off), at the depth the model
-rates best among k >= 1: the measurement that can bring it back. (Exploring at k = 1 was a trap wherever a draft call has a
-large fixed cost, as on a GPU: depth 1 is then the worst depth, looks like it, and never wins.)
+rates best among k >= 1: the measurement that can bring it back. (Exploring at k = 1 was a
+trap wherever a draft call has a large fixed cost, as on a GPU: depth 1 is then the worst
+depth, looks like it, and never wins.)
 
 Measured, all as exponentially weighted moving averages:
 - per sequence, acceptance a = accepted / tested draft positions (a round accepting m of depth d
