@@ -4,7 +4,8 @@
 
 For the target: one packed forward of 1 causal token + (rows - 1) chain-tree nodes over a
 128-token committed prefix (a verify step; rows = 1 is a plain decode step). For the draft: a
-1-row and a 3-row forward (one depth of a chain / of a dynamic tree). Each is printed next to the
+1-row and a 3-row forward (one depth of a chain / of a dynamic tree), its projections in int8
+as the draft service serves them on a CPU (`--draft-quantize none`: fp16). Each is printed next to the
 bound measured on this machine in the same run: one sweep over the model's projection weights,
 as served (fp16 through `kernels.cpu_linear` where the checkpoint is fp16, else fp32 `F.linear`;
 on a GPU `F.linear` in the serving dtype, replayed as one CUDA graph), with one row, i.e. weight bytes / sweep time. Modes are interleaved and the
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from specmesh.kernels import weight_arena
-from specmesh.kernels.cpu_linear import linear_f16
+from specmesh.kernels.cpu_linear import linear_f16, linear_q8
 from specmesh.kernels.kv_cache import PagedKVCache
 from specmesh.kernels.loader import LoadedModel, load_model
 from specmesh.kernels.runner import ForwardItem, ModelRunner
@@ -45,14 +46,22 @@ def _default(name: str) -> pathlib.Path:
 
 
 def _weights(loaded: LoadedModel) -> list[torch.Tensor]:
-    """The projection weights as served: fp16 where `kernels.linear.attach_f16` kept them so."""
+    """The projection weights as served: fp16 where `kernels.linear.attach_f16` kept them so,
+    int8 where `attach_q8` did (its scales ride along: `_scales`)."""
     out = []
     for m in loaded.model.modules():
         if isinstance(m, torch.nn.Linear):
-            w = getattr(m, "weight_f16", None)
+            w = getattr(m, "weight_q8", None)
+            w = getattr(m, "weight_f16", None) if w is None else w
             if w is not None or m.weight.numel():
                 out.append(m.weight if w is None else w)
     return out
+
+
+def _scales(loaded: LoadedModel) -> dict[int, torch.Tensor]:
+    """id(int8 weight) -> its per-row scales [out] fp32."""
+    return {id(m.weight_q8): m.weight_scale for m in loaded.model.modules()
+            if getattr(m, "weight_q8", None) is not None}
 
 
 def _runner(loaded: LoadedModel) -> ModelRunner:
@@ -78,14 +87,16 @@ def _step(runner: ModelRunner, rows: int):
 
 
 def _sweep(loaded: LoadedModel):
-    weights = _weights(loaded)
+    weights, scales = _weights(loaded), _scales(loaded)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device) for w in weights}
     stream = weight_arena.streamed(sum(w.nbytes for w in weights))  # as the forward reads them
 
     def run() -> None:
         with torch.inference_mode():
             for w in weights:
-                if w.dtype == torch.float16 and w.device.type == "cpu":
+                if w.dtype == torch.int8:
+                    linear_q8(xs[w.shape[1]], w, scales[id(w)], stream=stream)
+                elif w.dtype == torch.float16 and w.device.type == "cpu":
                     linear_f16(xs[w.shape[1]], w, stream=stream)
                 else:
                     F.linear(xs[w.shape[1]].to(w.dtype), w)
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     dtype = getattr(torch, args.dtype)
     target = load_model(args.target, dtype, args.device)
-    draft = load_model(args.draft, dtype, args.device)
+    draft = load_model(args.draft, dtype, args.device, quantize=args.draft_quantize)
     tr, dr = _runner(target), _runner(draft)
     cases = {"target sweep": _sweep(target), "draft sweep": _sweep(draft)}
     cases |= {f"target rows={r}": _step(tr, r) for r in args.rows}
@@ -128,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     bytes_ = {m: sum(w.numel() * w.element_size() for w in _weights(x))
               for m, x in (("target", target), ("draft", draft))}
     result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "device": args.device,
-              "dtype": args.dtype, "weight_bytes": bytes_,
+              "dtype": args.dtype, "draft_quantize": args.draft_quantize, "weight_bytes": bytes_,
               "times": stats, "ratios": {}}
     base = stats["target rows=1"]["median_ms"]
     for r in args.rows:
@@ -141,7 +152,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"engine bench: {res['device']} {res['dtype']}, {res['threads']} threads, "
+    lines = [f"engine bench: {res['device']} {res['dtype']} (draft projections "
+             f"{res.get('draft_quantize', 'none')}), {res['threads']} threads, "
              f"{res['prefix']}-token prefix",
              f"{'case':<22}{'min ms':>9}{'median ms':>11}{'x sweep':>9}{'x rows=1':>10}"]
     for name, s in res["times"].items():
@@ -168,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU")
+    p.add_argument("--draft-quantize", default="int8", choices=("none", "int8"),
+                   help="the draft's projection weights, as the draft service serves them "
+                        "(default int8; CPU only, a GPU keeps the dtype)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="load both models as this dtype (CPU: float32, the fp16 checkpoints' "
                         "weights stay fp16 for the CPU kernel)")
