@@ -321,8 +321,9 @@ class Scheduler:
         Cached counts default to what the protocol implies: the target holds KV for every token
         but the last (the bonus token has not been through it); the draft, if it proposed
         (num_draft_tokens > 0), holds the tokens it was sent, i.e. all tokens before this
-        append. Pass the services' reported counts to override. Cuts after EOS (unless
-        ignore_eos) and at max_new_tokens, and then retires the sequence.
+        append. Pass the services' reported counts to override: a draft that kept its chain's
+        nodes reports them too, and of those only the accepted ones are the sequence's.
+        Cuts after EOS (unless ignore_eos) and at max_new_tokens, and then retires the sequence.
         """
         seq = self._seqs[seq_id]
         if seq_id not in self._running:
@@ -334,7 +335,7 @@ class Scheduler:
         seq.num_draft_tokens += num_draft_tokens
         seq.num_accepted_tokens += num_accepted_tokens
         if draft_cached is not None:
-            seq.draft_cached = draft_cached
+            seq.draft_cached = min(draft_cached, before + num_accepted_tokens)
         elif num_draft_tokens > 0:
             seq.draft_cached = before
         seq.target_cached = len(seq.token_ids) - 1 if target_cached is None else target_cached

@@ -57,6 +57,10 @@ class DraftEngine(SequenceEngine):
         # (greedy) one CUDA graph on a GPU
         self.chain = (ChainRunner.build(loaded.model) if loaded.device.type == "cpu"
                       else CudaChain.build(loaded, self.runner.graphs))
+        # greedy chains fed one new token (the usual round: the draft keeps its own chain's
+        # KV, so only the verifier's bonus token is new) skip the separate first forward: the
+        # C chain feeds that token itself (CPU; a GPU's chain graph is not measured so yet)
+        self.fold_first = isinstance(self.chain, ChainRunner)
 
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
         """One forward for the new tokens of every item, then one per tree depth; each failure
@@ -74,13 +78,16 @@ class DraftEngine(SequenceEngine):
                 results[i] = exc
             return results  # type: ignore[return-value]
         for i, fwd, grower in ready:
-            self.kv.truncate(fwd.seq_id, committed[fwd.seq_id])  # drop the tree's KV
+            self._keep_chain(fwd.seq_id, grower, committed[fwd.seq_id])
             results[i] = ProposeResult(grower.tokens, grower.parents, grower.sparse_dists(),
                                        self.kv.num_tokens(fwd.seq_id))
         return results  # type: ignore[return-value]
 
     def _run(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> dict[str, int]:
         """The new tokens' forward, then the tree's; returns each sequence's committed length."""
+        steps = self._folded_steps(ready)
+        if steps:
+            return self._run_folded(ready, steps)
         outs = self.runner.forward([fwd for _, fwd, _ in ready])
         for (_, fwd, grower), logits in zip(ready, _on_cpu([out.logits for out in outs])):
             self.sequences.commit(fwd.seq_id, fwd.new_tokens)
@@ -88,6 +95,45 @@ class DraftEngine(SequenceEngine):
                 grower.grow_root(logits[0])
         committed = {fwd.seq_id: self.kv.num_tokens(fwd.seq_id) for _, fwd, _ in ready}
         self._grow(ready)
+        return committed
+
+    def _keep_chain(self, seq_id: str, grower: TreeGrower, committed: int) -> None:
+        """Drop a tree's KV; keep a chain's: its nodes were fed as causal tokens, so they stay
+        as the sequence's next tokens (reported in num_cached_tokens) and the next request,
+        cached up to the nodes the verifier accepted, re-runs only what came after them."""
+        fed = self.kv.num_tokens(seq_id) - committed
+        if grower.spec.kind != "chain" or not 0 < fed <= len(grower.tokens):
+            self.kv.truncate(seq_id, committed)
+            return
+        self.sequences.commit(seq_id, grower.tokens[:fed])
+
+    def _folded_steps(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> int:
+        """The chain length when every item is a greedy chain of that length fed exactly one
+        new token and the chain runner takes them all in one call (`fold_first`); else 0."""
+        if not self.fold_first or self.chain is None:
+            return 0
+        lengths = {min(g.spec.depth, g.spec.max_nodes) if g.spec.kind == "chain" and
+                   g.spec.enabled and g.sampling.greedy and len(fwd.new_tokens) == 1 and
+                   fwd.tree is None else 0 for _, fwd, g in ready}
+        steps = lengths.pop() if len(lengths) == 1 else 0
+        if not steps or not self.chain.fits(self.kv, [fwd.seq_id for _, fwd, _ in ready], steps):
+            return 0
+        return steps
+
+    def _run_folded(self, ready: list[tuple[int, ForwardItem, TreeGrower]],
+                    steps: int) -> dict[str, int]:
+        """`_run` for `_folded_steps` batches: one chain call feeds each new token and its
+        `steps` draft nodes (the first one what the separate forward's argmax would be)."""
+        seq_ids = [fwd.seq_id for _, fwd, _ in ready]
+        committed = {s: self.kv.num_tokens(s) + 1 for s in seq_ids}
+        chains = self.chain.run(self.kv, seq_ids, [fwd.new_tokens[0] for _, fwd, _ in ready],
+                                steps)
+        for (_, fwd, grower), tokens in zip(ready, chains):
+            end = self.kv.num_tokens(fwd.seq_id)  # the new token, then the fed chain nodes
+            self.kv.set_num_tokens(fwd.seq_id, committed[fwd.seq_id])
+            self.sequences.commit(fwd.seq_id, fwd.new_tokens)  # (checks tokens == KV count)
+            self.kv.set_num_tokens(fwd.seq_id, end)
+            grower.start_chain(tokens)
         return committed
 
     def _grow(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:

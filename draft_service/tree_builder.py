@@ -66,6 +66,13 @@ class TreeGrower:
         """Forwards a chain still needs (one node each)."""
         return min(self.spec.depth - 1 - self.depth, self._room()) if self.frontier else 0
 
+    def start_chain(self, tokens: list[int]) -> None:
+        """A greedy chain chosen outside from the root: tokens[0] is the root's child (what
+        `grow_root` would choose), the rest as `extend_chain`."""
+        self.tokens, self.parents, self.logcum = [int(tokens[0])], [-1], [0.0]
+        self.frontier, self.depth = [0], 0
+        self.extend_chain(tokens[1:])
+
     def extend_chain(self, tokens: list[int]) -> None:
         """Append a greedy chain's next nodes, chosen outside (`kernels.cpu_chain`): each the
         argmax after the previous one, as `grow` would choose them."""

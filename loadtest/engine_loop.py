@@ -71,8 +71,9 @@ def generate(draft: DraftEngine, verify: VerifyEngine, prompt: list[int], spec: 
         for out in (proposal, result):
             if isinstance(out, Exception):
                 raise RuntimeError(f"engine error: {out}")
-        if proposal is not None:
-            d_cached = min(proposal.num_cached_tokens, len(tokens))
+        if proposal is not None:  # the draft's chain nodes past the accepted ones are not ours
+            d_cached = min(proposal.num_cached_tokens,
+                           len(tokens) + result.num_accepted_draft_tokens)
         tokens += result.tokens
         v_cached = result.num_cached_tokens
         tally.tokens += len(result.tokens)

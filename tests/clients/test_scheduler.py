@@ -131,6 +131,15 @@ def test_reported_cached_counts_override_the_defaults():
     assert s.schedule().running == (SequenceDelta("a", 1, (101, 102, 7, 8), 2, (102, 7, 8)),)
 
 
+def test_a_draft_keeping_its_chain_is_trusted_for_the_accepted_nodes_only():
+    s = sched()
+    s.add(req("a", prompt_len=3))
+    s.schedule()
+    # the draft fed 4 chain nodes (3 + 4 = 7 cached); the verifier accepted 2, then its own 9
+    s.commit("a", [7, 8, 9], num_draft_tokens=5, num_accepted_tokens=2, draft_cached=7)
+    assert s.schedule().running == (SequenceDelta("a", 5, (9,), 5, (9,)),)
+
+
 def test_plan_deltas_cover_new_sequences_with_nothing_cached():
     s = sched()
     s.add(req("a", prompt_len=2))
