@@ -57,9 +57,9 @@ class DraftEngine(SequenceEngine):
         # (greedy) one CUDA graph on a GPU
         self.chain = (ChainRunner.build(loaded.model) if loaded.device.type == "cpu"
                       else CudaChain.build(loaded, self.runner.graphs))
-        # greedy chains fed one new token (the usual round: the draft keeps its own chain's
-        # KV, so only the verifier's bonus token is new) skip the separate first forward: the
-        # C chain feeds that token itself (CPU; a GPU's chain graph is not measured so yet)
+        # chains fed one new token (the usual round: the draft keeps its own chain's KV, so
+        # only the verifier's bonus token is new) skip the separate first forward: the C chain
+        # feeds that token itself (CPU; a GPU's chain graph is not measured so yet)
         self.fold_first = isinstance(self.chain, ChainRunner)
 
     def propose_batch(self, items: list[ProposeItem]) -> list[ProposeResult | Exception]:
@@ -113,27 +113,36 @@ class DraftEngine(SequenceEngine):
         if not self.fold_first or self.chain is None:
             return 0
         lengths = {min(g.spec.depth, g.spec.max_nodes) if g.spec.kind == "chain" and
-                   g.spec.enabled and g.sampling.greedy and len(fwd.new_tokens) == 1 and
-                   fwd.tree is None else 0 for _, fwd, g in ready}
+                   g.spec.enabled and len(fwd.new_tokens) == 1 and fwd.tree is None else 0
+                   for _, fwd, g in ready}
         steps = lengths.pop() if len(lengths) == 1 else 0
         if not steps or not self.chain.fits(self.kv, [fwd.seq_id for _, fwd, _ in ready], steps):
             return 0
-        return steps
+        sampled = not all(g.sampling.greedy for _, _, g in ready)
+        return 0 if sampled and not self.chain.samples_in_one_call(len(ready), steps) else steps
 
     def _run_folded(self, ready: list[tuple[int, ForwardItem, TreeGrower]],
                     steps: int) -> dict[str, int]:
         """`_run` for `_folded_steps` batches: one chain call feeds each new token and its
         `steps` draft nodes (the first one what the separate forward's argmax would be)."""
         seq_ids = [fwd.seq_id for _, fwd, _ in ready]
+        growers = [g for _, _, g in ready]
         committed = {s: self.kv.num_tokens(s) + 1 for s in seq_ids}
-        chains = self.chain.run(self.kv, seq_ids, [fwd.new_tokens[0] for _, fwd, _ in ready],
-                                steps)
-        for (_, fwd, grower), tokens in zip(ready, chains):
+        first = [fwd.new_tokens[0] for _, fwd, _ in ready]
+        if all(g.sampling.greedy for g in growers):
+            chains, q = self.chain.run(self.kv, seq_ids, first, steps), None
+        else:  # the root's draw too from the exponentials drawn now, in the same order
+            draws = _draws(growers, steps, self.loaded.config.vocab_size)
+            chains, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws)
+        for row, ((_, fwd, grower), tokens) in enumerate(zip(ready, chains)):
             end = self.kv.num_tokens(fwd.seq_id)  # the new token, then the fed chain nodes
             self.kv.set_num_tokens(fwd.seq_id, committed[fwd.seq_id])
             self.sequences.commit(fwd.seq_id, fwd.new_tokens)  # (checks tokens == KV count)
             self.kv.set_num_tokens(fwd.seq_id, end)
-            grower.start_chain(tokens)
+            if grower.sampling.greedy:
+                grower.start_chain(tokens)
+            else:
+                grower.start_sampled_chain(tokens, q[row].numpy())
         return committed
 
     def _grow(self, ready: list[tuple[int, ForwardItem, TreeGrower]]) -> None:

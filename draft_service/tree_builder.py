@@ -73,6 +73,12 @@ class TreeGrower:
         self.frontier, self.depth = [0], 0
         self.extend_chain(tokens[1:])
 
+    def start_sampled_chain(self, tokens: list[int], q: np.ndarray) -> None:
+        """A sampled chain drawn outside from the root: tokens[s] from q[s] [vocab], as
+        `extend_sampled` (tokens[0] the root's child, q[0] the root's distribution)."""
+        self.frontier, self.depth = [-1], -1
+        self.extend_sampled(tokens, q)
+
     def extend_chain(self, tokens: list[int]) -> None:
         """Append a greedy chain's next nodes, chosen outside (`kernels.cpu_chain`): each the
         argmax after the previous one, as `grow` would choose them."""

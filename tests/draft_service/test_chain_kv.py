@@ -41,12 +41,18 @@ def test_next_round_reuses_the_accepted_nodes_kv(loaded, accepted, fold):
     assert kept.num_cached_tokens == fresh.num_cached_tokens == len(context) + 4
 
 
-def test_a_sampled_chain_keeps_its_nodes_too(loaded):
-    engine = DraftEngine(loaded, EngineConfig())
-    first = _propose(engine, "s", 0, PROMPT, temperature=0.8)
-    assert first.num_cached_tokens == len(PROMPT) + 4
-    again = _propose(engine, "s", len(PROMPT) + 1, [7], temperature=0.8)
-    assert again.num_cached_tokens == len(PROMPT) + 2 + 4 and len(again.tokens) == 5
+def test_a_sampled_chain_keeps_its_nodes_too_and_folds_its_root_draw(loaded):
+    runs = []
+    for fold in (True, False):
+        engine = DraftEngine(loaded, EngineConfig())
+        engine.fold_first = fold
+        first = _propose(engine, "s", 0, PROMPT, temperature=0.8)
+        assert first.num_cached_tokens == len(PROMPT) + 4
+        again = _propose(engine, "s", len(PROMPT) + 1, [7], temperature=0.8)
+        assert again.num_cached_tokens == len(PROMPT) + 2 + 4 and len(again.tokens) == 5
+        runs.append((again.tokens, [(d[0].tolist(), d[1].tolist()) for d in again.draft_dists
+                                    if d is not None]))
+    assert runs[0] == runs[1]  # the same draws from the same generator, folded or not
 
 
 def test_a_wider_tree_keeps_no_nodes(loaded):
