@@ -232,12 +232,19 @@ class AdaptiveSpeculation:
         plain = self.tokens_per_second(seq_id, 0, batch_tokens, batch_size)
         if plain is None or self.draft_cost.num_samples == 0:
             return min(cfg.initial_k, cfg.k_max)
-        best_k, best_rate = 0, plain * cfg.min_speedup
-        for k in range(1, cfg.k_max + 1):
-            rate = self.tokens_per_second(seq_id, k, batch_tokens, batch_size)
+        k, rate = self._best_drafting(seq_id, batch_tokens, batch_size)
+        return k if rate > plain * cfg.min_speedup else 0
+
+    def _best_drafting(self, seq_id: str, batch_tokens: int,
+                       batch_size: int = 1) -> tuple[int, float]:
+        """The depth >= 1 with the most expected tokens/s and that rate (1 and 0.0 while the
+        costs are unknown, or with k_max 0)."""
+        best_k, best_rate = 1, 0.0
+        for k in range(1, self.config.k_max + 1):
+            rate = self.tokens_per_second(seq_id, k, batch_tokens, batch_size) or 0.0
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        return best_k
+        return best_k, best_rate
 
     def choose(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
         """This round's draft budget in tokens (depth * tree_width) for `seq_id`, exploring
@@ -254,17 +261,8 @@ class AdaptiveSpeculation:
             if every and batch_size <= 1 and state.zero_streak >= gap \
                     and self.config.k_max >= 1:
                 state.zero_streak, state.explore_gap = 0, min(2 * gap, 16 * every)
-                k = self._explore_depth(seq_id, batch_tokens)
+                k = self._best_drafting(seq_id, batch_tokens)[0]
         return k * self.config.tree_width
-
-    def _explore_depth(self, seq_id: str, batch_tokens: int) -> int:
-        """The depth >= 1 with the most expected tokens/s (1 before any cost is known)."""
-        best_k, best_rate = 1, -1.0
-        for k in range(1, self.config.k_max + 1):
-            rate = self.tokens_per_second(seq_id, k, batch_tokens) or 0.0
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k
 
     def _state(self, seq_id: str) -> _SequenceState:
         state = self._seqs.get(seq_id)
