@@ -281,11 +281,16 @@ class Scheduler:
         """Each sequence's draft budget (policy, request, tokens left), cut to the room the
         round has left: interactive sequences first, batch ones from what remains."""
         wanted = []
+        # the policy judges the batch as it decodes: one token per sequence. A prompt's
+        # tokens are a one-off the draft must prefill too (its cost model does not see that);
+        # counted, they made drafting look free beside them, so a batch that never drafts
+        # afterwards drafted on its first round (c=16: a 29 ms draft prefill and 16 x k rows)
+        steady = len(planned)
         for seq in planned:
             left = seq.request.max_new_tokens - seq.num_generated
             k = seq.request.max_spec_tokens
             if self.policy is not None and k > 0:
-                k = min(k, self.policy.choose(seq.seq_id, step_tokens, len(planned)))
+                k = min(k, self.policy.choose(seq.seq_id, steady, len(planned)))
             wanted.append(max(0, min(k, left - 1)))  # a round yields up to k + 1 tokens
         room = max(0, self.config.max_batch_tokens - step_tokens)
         first = [i for i, s in enumerate(planned) if s.priority == "interactive"]

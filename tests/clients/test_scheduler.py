@@ -323,7 +323,8 @@ def test_policy_chooses_within_the_request_cap():
     s.add(req("c", prompt_len=1, spec=0))  # never asked
     plan = s.schedule()
     assert plan.spec_lengths == (("a", 4), ("b", 6), ("c", 0))
-    assert policy.calls == [("a", 9, 3), ("b", 9, 3)]
+    # judged at the batch's decoding size (one token a sequence), not its prompts' 9 tokens
+    assert policy.calls == [("a", 3, 3), ("b", 3, 3)]
     s.commit("a", [EOS])
     assert policy.forgotten == ["a"]
 

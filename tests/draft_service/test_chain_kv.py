@@ -41,6 +41,22 @@ def test_next_round_reuses_the_accepted_nodes_kv(loaded, accepted, fold):
     assert kept.num_cached_tokens == fresh.num_cached_tokens == len(context) + 4
 
 
+@pytest.mark.parametrize("resent", [0, 2])
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_whole_chain_accepted_feeds_its_last_node_and_the_bonus(loaded, fold, resent):
+    """All 5 accepted: the 5th node was never fed, so two new tokens come (more when the
+    client resends some); folded, all but the last go through forced chain depths."""
+    engine = DraftEngine(loaded, EngineConfig())
+    engine.fold_first = fold and engine.fold_first
+    first = _propose(engine, "s", 0, PROMPT)
+    context = PROMPT + first.tokens + [7]
+    cached = len(PROMPT) + 4 - resent
+    kept = _propose(engine, "s", cached, context[cached:])
+    fresh = _propose(DraftEngine(loaded, EngineConfig()), "t", 0, context)
+    assert kept.tokens == fresh.tokens and kept.parents == fresh.parents
+    assert kept.num_cached_tokens == fresh.num_cached_tokens == len(context) + 4
+
+
 def test_a_sampled_chain_keeps_its_nodes_too_and_folds_its_root_draw(loaded):
     runs = []
     for fold in (True, False):
@@ -50,8 +66,11 @@ def test_a_sampled_chain_keeps_its_nodes_too_and_folds_its_root_draw(loaded):
         assert first.num_cached_tokens == len(PROMPT) + 4
         again = _propose(engine, "s", len(PROMPT) + 1, [7], temperature=0.8)
         assert again.num_cached_tokens == len(PROMPT) + 2 + 4 and len(again.tokens) == 5
-        runs.append((again.tokens, [(d[0].tolist(), d[1].tolist()) for d in again.draft_dists
-                                    if d is not None]))
+        whole = _propose(engine, "s", again.num_cached_tokens, [again.tokens[4], 9],
+                         temperature=0.8)  # all accepted: the last node and the bonus
+        assert whole.num_cached_tokens == again.num_cached_tokens + 2 + 4
+        runs.append([(r.tokens, [(d[0].tolist(), d[1].tolist()) for d in r.draft_dists
+                                 if d is not None]) for r in (again, whole)])
     assert runs[0] == runs[1]  # the same draws from the same generator, folded or not
 
 
