@@ -7,9 +7,10 @@
  *   out[t, h, :] = sum_j softmax_j(scale * q[t, h] . k[l_j, h / g]) * v[l_j, h / g, :]
  *
  * q, out: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables:
- * [B, max_blocks]; tree_masks: [T, 2] 64-bit words. Each (t, h) is computed alone by the same
- * code whatever else is in the batch or the thread: a query's output never depends on its batch
- * mates (batch-invariant). No gather, no padding.
+ * [B, max_blocks]; tree_masks: [T, 2] 64-bit words. Each (t, h) is computed by the same
+ * operations in the same order whatever else is in the batch or the thread (two heads of one KV
+ * head may share the loads of its K and V rows, never an operation): a query's output never
+ * depends on its batch mates (batch-invariant). No gather, no padding.
  *
  * The exp loop vectorises through glibc's libmvec (expf declared SIMD below, built with
  * -fno-math-errno). Not -ffast-math: a shared library built with it sets flush-to-zero for the
@@ -61,8 +62,10 @@ static void offsets(const Kv *kv, const int32_t *pos, int n, int64_t *off) {
   for (int j = 0; j < n; j++) off[j] = slot(kv, pos[j]);
 }
 
-static void query(const float *q, const Kv *kv, int head_off, const int64_t *off, int n,
-                  float *s, float *out, int chunks, float scale) {
+static inline __attribute__((always_inline)) void query_d(const float *q, const Kv *kv,
+                                                          int head_off, const int64_t *off,
+                                                          int n, float *s, float *out,
+                                                          int chunks, float scale) {
   float m = -FLT_MAX;
   for (int j = 0; j < n; j++) {
     float x = scale * dot(q, kv->k + off[j] + head_off, chunks);
@@ -85,6 +88,66 @@ static void query(const float *q, const Kv *kv, int head_off, const int64_t *off
   for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
 
+
+/* Two query heads that share one KV head (q, out: their two [D] rows, adjacent): each K and V
+ * row is loaded once for both; each head's arithmetic is query_d's, in the same order, so its
+ * output is bitwise what it would be alone. s: [2, n]. */
+static inline __attribute__((always_inline)) void query2_d(const float *q, const Kv *kv,
+                                                          int head_off, const int64_t *off,
+                                                          int n, float *s, float *out,
+                                                          int chunks, float scale) {
+  float m0 = -FLT_MAX, m1 = -FLT_MAX;
+  float *s1 = s + n;
+  for (int j = 0; j < n; j++) {
+    const float *kr = kv->k + off[j] + head_off;
+    float x0 = scale * dot(q, kr, chunks), x1 = scale * dot(q + 16 * chunks, kr, chunks);
+    s[j] = x0; s1[j] = x1;
+    m0 = x0 > m0 ? x0 : m0;
+    m1 = x1 > m1 ? x1 : m1;
+  }
+#pragma omp simd
+  for (int j = 0; j < n; j++) s[j] = expf(s[j] - m0);
+#pragma omp simd
+  for (int j = 0; j < n; j++) s1[j] = expf(s1[j] - m1);
+  float sum0 = 0.0f, sum1 = 0.0f;
+  for (int j = 0; j < n; j++) sum0 += s[j];
+  for (int j = 0; j < n; j++) sum1 += s1[j];
+  __m512 a0[MAX_CHUNKS], a1[MAX_CHUNKS];
+  for (int c = 0; c < chunks; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+  for (int j = 0; j < n; j++) {
+    __m512 p0 = _mm512_set1_ps(s[j]), p1 = _mm512_set1_ps(s1[j]);
+    const float *vr = kv->v + off[j] + head_off;
+    for (int c = 0; c < chunks; c++) {
+      __m512 vc = _mm512_loadu_ps(vr + 16 * c);
+      a0[c] = _mm512_fmadd_ps(p0, vc, a0[c]);
+      a1[c] = _mm512_fmadd_ps(p1, vc, a1[c]);
+    }
+  }
+  __m512 i0 = _mm512_set1_ps(1.0f / sum0), i1 = _mm512_set1_ps(1.0f / sum1);
+  for (int c = 0; c < chunks; c++) {
+    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(a0[c], i0));
+    _mm512_storeu_ps(out + 16 * (chunks + c), _mm512_mul_ps(a1[c], i1));
+  }
+}
+/* query_d / query2_d with the head size a compile-time constant for the usual ones (64, 128):
+ * the accumulators then stay in registers instead of a stack array (the same operations in
+ * the same order: bitwise the generic path's results). `pair`: two heads at once. */
+static void query(const float *q, const Kv *kv, int head_off, const int64_t *off, int n,
+                  float *s, float *out, int chunks, float scale, int pair) {
+  if (pair) {
+    switch (chunks) {
+      case 4: query2_d(q, kv, head_off, off, n, s, out, 4, scale); return;
+      case 8: query2_d(q, kv, head_off, off, n, s, out, 8, scale); return;
+      default: query2_d(q, kv, head_off, off, n, s, out, chunks, scale); return;
+    }
+  }
+  switch (chunks) {
+    case 4: query_d(q, kv, head_off, off, n, s, out, 4, scale); return;
+    case 8: query_d(q, kv, head_off, off, n, s, out, 8, scale); return;
+    default: query_d(q, kv, head_off, off, n, s, out, chunks, scale); return;
+  }
+}
+
 /* Returns 0, or -1 when scratch memory could not be allocated. `max_visible` bounds any
  * query's visible positions (max_seq_len + 128 is always enough). */
 int specmesh_tree_attention(const float *q, const float *k_cache, const float *v_cache,
@@ -97,7 +160,7 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     size_t cap = max_visible > 0 ? (size_t)max_visible : 1;
-    float *s = malloc(sizeof(float) * cap);
+    float *s = malloc(sizeof(float) * cap * 2); /* two heads' scores */
     int32_t *pos = malloc(sizeof(int32_t) * cap);
     int64_t *off = malloc(sizeof(int64_t) * cap);
     if (!s || !pos || !off) {
@@ -109,7 +172,7 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
       int64_t pairs = (int64_t)T * H, per = (pairs + nt - 1) / nt;
       int64_t i0 = tid * per, i1 = i0 + per < pairs ? i0 + per : pairs;
       int t = -1, n = 0;
-      Kv kv;
+      Kv kv = {0};
       for (int64_t i = i0; i < i1; i++) {
         int h = (int)(i % H);
         if (i / H != t) {
@@ -120,8 +183,11 @@ int specmesh_tree_attention(const float *q, const float *k_cache, const float *v
                       tree_masks + (int64_t)t * MASK_WORDS);
           offsets(&kv, pos, n, off);
         }
+        /* heads h, h + 1 of one KV head (an even group size) together when both are ours */
+        int pair = group % 2 == 0 && h % 2 == 0 && i + 1 < i1;
         query(q + ((int64_t)t * H + h) * D, &kv, (h / group) * D, off, n, s,
-              out + ((int64_t)t * H + h) * D, chunks, scale);
+              out + ((int64_t)t * H + h) * D, chunks, scale, pair);
+        i += pair;
       }
     }
     free(s);
