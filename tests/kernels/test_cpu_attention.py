@@ -83,6 +83,32 @@ def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch():
         assert torch.equal(alone, together[cu[b]:cu[b + 1]])
 
 
+@needs_kernel
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_head_gets_the_same_bits_paired_with_its_kv_mate_or_alone(dim, threads):
+    """Two query heads of one KV head run together (shared K/V loads), or alone where a
+    thread's share of heads starts or ends between them: the same bits either way, and as
+    when the head is the only one (a KV head of its own)."""
+    gen = torch.Generator().manual_seed(dim)
+    heads, kv_heads = 6, 3  # 3 heads a thread at 2 threads: one of each thread's runs is odd
+    k_cache, v_cache = _caches(gen, kv_heads, dim)
+    meta = build_metadata(STEPS[2], BLOCK)
+    q = torch.randn(meta.num_tokens, heads, dim, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = cpu_attention.tree_attention_cpu(q, k_cache, v_cache, meta, 0.11)
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            alone = cpu_attention.tree_attention_cpu(
+                q[:, h:h + 1].contiguous(), k_cache[..., g:g + 1, :].contiguous(),
+                v_cache[..., g:g + 1, :].contiguous(), meta, 0.11)
+            assert torch.equal(alone[:, 0], together[:, h])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fits_only_supported_tensors():
     q, k_cache = torch.randn(1, 4, 64), torch.randn(3, 4, 2, 64)
     assert cpu_attention.fits(q, k_cache) == (cpu_attention._library() is not None)
