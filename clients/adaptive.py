@@ -14,8 +14,12 @@ depth, looks like it, and never wins.)
 Measured, all as exponentially weighted moving averages:
 - per sequence, acceptance a = accepted / tested draft positions (a round accepting m of depth d
   tested m + 1 positions if m < d, else d: the maximum-likelihood estimate for a chain);
-- draft round time as a line in depth d (one draft forward per depth);
+- draft round time as a line in the draft rows the round fed (a batch of B chains of depth d,
+  each fed its one new token, is B * d rows: one forward per depth over the whole batch);
 - verify round time as a line in the verify batch's tokens.
+A sequence whose draft has fallen behind (it decoded without drafting: its new tokens were never
+fed to the draft) must catch up before it drafts again; that costs its lag in draft rows once,
+and it drafts only when the time drafting saves over its remaining tokens beats that.
 Trees: with `tree_width` w > 1 a budget of d * w nodes is verified at depth d; the acceptance
 measured per depth then already includes the tree's alternatives. Budgets are in tokens (nodes).
 """
@@ -181,11 +185,12 @@ class AdaptiveSpeculation:
             state.acceptance.observe(depth, num_accepted, decay)
         self._global.observe(depth, num_accepted, decay)
 
-    def observe_draft(self, depth: int, seconds: float) -> None:
-        """One draft round trip that proposed a tree of `depth` levels."""
+    def observe_draft(self, depth: int, seconds: float, rows: int | None = None) -> None:
+        """One draft round trip that proposed chains of `depth` levels feeding `rows` draft rows
+        in all (None: one sequence fed one new token, i.e. `depth` rows)."""
         if depth > 0:
             self._batch_depth.clear()
-            self.draft_cost.observe(depth, seconds)
+            self.draft_cost.observe(depth if rows is None else rows, seconds)
 
     def observe_verify(self, batch_tokens: int, seconds: float) -> None:
         """One verify round trip whose batch held `batch_tokens` tokens (drafts included)."""
@@ -206,13 +211,14 @@ class AdaptiveSpeculation:
 
     def tokens_per_second(self, seq_id: str, k: int, batch_tokens: int,
                           batch_size: int = 1) -> float | None:
-        """Expected tokens/s of `seq_id` at depth k if all `batch_size` sequences drafted k;
-        None before the costs have been measured. `batch_tokens` excludes draft tokens.
-        In a batch every sequence is judged by the global acceptance, so all of them choose
-        the same depth: a round pays the draft's latency if any one of them drafts."""
+        """Expected tokens/s of `seq_id` at depth k if all `batch_size` sequences drafted k
+        (each fed one new token: the steady state); None before the costs have been measured.
+        `batch_tokens` excludes draft tokens. In a batch every sequence is judged by the global
+        acceptance, so all of them choose the same depth: a round pays the draft's latency if
+        any one of them drafts."""
         verify_tokens = batch_tokens + batch_size * k * self.config.tree_width
         verify = self.verify_cost.predict(verify_tokens)
-        draft = self.draft_cost.predict(k) if k > 0 else 0.0
+        draft = self.draft_cost.predict(batch_size * k) if k > 0 else 0.0
         if verify is None or draft is None:
             return None
         acceptance = self.acceptance(seq_id) if batch_size <= 1 else self._global.rate
@@ -246,11 +252,33 @@ class AdaptiveSpeculation:
                 best_k, best_rate = k, rate
         return best_k, best_rate
 
-    def choose(self, seq_id: str, batch_tokens: int, batch_size: int = 1) -> int:
+    def catch_up_pays(self, seq_id: str, k: int, batch_tokens: int, batch_size: int,
+                      draft_lag: int, tokens_left: int) -> bool:
+        """Whether feeding the draft the `draft_lag` tokens it missed (once, beside the k rows
+        of this round; as many for every sequence of the batch) costs less than drafting at
+        depth k saves over the sequence's `tokens_left` tokens."""
+        if draft_lag <= 1 or k <= 0:
+            return True
+        plain = self.tokens_per_second(seq_id, 0, batch_tokens, batch_size)
+        spec = self.tokens_per_second(seq_id, k, batch_tokens, batch_size)
+        extra = self.draft_cost.predict(batch_size * (draft_lag - 1 + k))
+        steady = self.draft_cost.predict(batch_size * k)
+        if not plain or not spec or extra is None or steady is None:
+            return True  # costs unknown yet: the first rounds draft (initial_k)
+        saved = tokens_left * (1.0 / plain - 1.0 / spec)
+        return extra - steady < saved
+
+    def choose(self, seq_id: str, batch_tokens: int, batch_size: int = 1, draft_lag: int = 1,
+               tokens_left: int | None = None) -> int:
         """This round's draft budget in tokens (depth * tree_width) for `seq_id`, exploring
         every `explore_every` rounds spent at 0 when it runs alone (in a batch one sequence
-        exploring would make the whole round wait for the draft)."""
+        exploring would make the whole round wait for the draft). `draft_lag`: the tokens its
+        draft has not seen (1 in the steady state: the verifier's last token); with
+        `tokens_left` known, a longer lag drafts only where `catch_up_pays`."""
         k = self.best_depth(seq_id, batch_tokens, batch_size)
+        if tokens_left is not None and not self.catch_up_pays(
+                seq_id, k, batch_tokens, batch_size, draft_lag, tokens_left):
+            k = 0
         state = self._state(seq_id)
         every = self.config.explore_every
         if k > 0:

@@ -48,10 +48,11 @@ class PerRequestPolicy:
         self.adaptive = AdaptiveSpeculation()
         self.adaptive_ids: set[str] = set()
 
-    def choose(self, seq_id: str, batch_tokens: int, batch_size: int) -> int:
+    def choose(self, seq_id: str, batch_tokens: int, batch_size: int, draft_lag: int = 1,
+               tokens_left: int | None = None) -> int:
         if seq_id not in self.adaptive_ids:
             return 1 << 30
-        return self.adaptive.choose(seq_id, batch_tokens, batch_size)
+        return self.adaptive.choose(seq_id, batch_tokens, batch_size, draft_lag, tokens_left)
 
     def forget(self, seq_id: str) -> None:
         self.adaptive_ids.discard(seq_id)
@@ -151,10 +152,11 @@ class BatchLoop:
         by_seq = {d.seq_id: self._usable(d.seq_id, p) for d, p in zip(drafting, proposed)}
         proposals = [by_seq.get(d.seq_id) for d in steps]
         depth = max((_depth(p) for p in proposals), default=0)
-        if depth and all(_is_chain(p) for p in proposals if p is not None):
+        rows = _steady_rows(drafting, proposed)
+        if depth and rows and all(_is_chain(p) for p in proposals if p is not None):
             # the policy sizes chains: a wider tree's round (another mode's sequence) would
             # teach it a draft cost per depth that its chains never pay
-            self.policy.adaptive.observe_draft(depth, t1 - t0)
+            self.policy.adaptive.observe_draft(depth, t1 - t0, rows)
         # a sequence may have ended meanwhile (stop string seen, stream closed): skip it
         todo = [i for i, (d, p) in enumerate(zip(steps, proposals))
                 if not _is_error(p) and d.seq_id in self.scheduler]
@@ -265,6 +267,17 @@ def _is_chain(proposal) -> bool:
     if not isinstance(proposal, draft_pb2.ProposeResponse):
         return True
     return all(p == i - 1 for i, p in enumerate(proposal.tree.parents))
+
+
+def _steady_rows(drafting: Sequence[SequenceDelta], proposed: Sequence) -> int | None:
+    """The draft rows a round of chains fed (each sequence its new tokens, then one row per
+    depth after the first), or None when a sequence fed more than two new tokens: a prompt's
+    or a catch-up's rows run in one forward, far cheaper than a depth's, and the policy learns
+    the steady state's cost per row (it prices a catch-up at that, on the safe side)."""
+    fed = [len(d.draft_new_tokens) for d in drafting]
+    if max(fed, default=0) > 2:
+        return None
+    return sum(n - 1 + _depth(p) for n, p in zip(fed, proposed) if _depth(p))
 
 
 def _depth(proposal) -> int:

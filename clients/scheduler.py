@@ -57,7 +57,8 @@ Side = Literal["draft", "target", "both"]
 class SpecPolicy(Protocol):
     """Chooses each sequence's draft budget (e.g. clients.adaptive.AdaptiveSpeculation)."""
 
-    def choose(self, seq_id: str, batch_tokens: int, batch_size: int) -> int: ...
+    def choose(self, seq_id: str, batch_tokens: int, batch_size: int, draft_lag: int = 1,
+               tokens_left: int | None = None) -> int: ...
 
     def forget(self, seq_id: str) -> None: ...
 
@@ -290,7 +291,8 @@ class Scheduler:
             left = seq.request.max_new_tokens - seq.num_generated
             k = seq.request.max_spec_tokens
             if self.policy is not None and k > 0:
-                k = min(k, self.policy.choose(seq.seq_id, steady, len(planned)))
+                lag = len(seq.token_ids) - seq.draft_cached  # tokens its draft has not seen
+                k = min(k, self.policy.choose(seq.seq_id, steady, len(planned), lag, left))
             wanted.append(max(0, min(k, left - 1)))  # a round yields up to k + 1 tokens
         room = max(0, self.config.max_batch_tokens - step_tokens)
         first = [i for i, s in enumerate(planned) if s.priority == "interactive"]

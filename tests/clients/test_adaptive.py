@@ -111,13 +111,50 @@ def test_min_speedup_demands_a_margin():
     assert measured(prior_acceptance=0.5, min_speedup=1.5).choose("s", 1) == 0
 
 
+def batched(prior_acceptance=0.8, **kw) -> AdaptiveSpeculation:
+    """verify = 10 ms + 0.1 ms per token; the draft 1 ms a call + 0.05 ms per row (B sequences
+    at depth k: B * k rows)."""
+    p = policy(prior_acceptance=prior_acceptance, **kw)
+    for tokens in (1, 100):
+        p.observe_verify(tokens, 0.010 + 0.0001 * tokens)
+    for rows in (1, 512):
+        p.observe_draft(1, 0.001 + 0.00005 * rows, rows=rows)
+    return p
+
+
 def test_load_shrinks_k_down_to_zero():
-    # verify = 10 ms + 0.1 ms per token, draft 1 ms per depth, a = 0.8; the whole batch drafts
-    p = measured(prior_acceptance=0.8, verify_per_token=0.0001, k_max=8)
+    # a = 0.8; the whole batch drafts
+    p = batched(k_max=8)
     ks = [p.best_depth("s", batch_tokens=n, batch_size=n) for n in (1, 8, 32, 64, 256)]
-    assert ks == [6, 4, 3, 2, 0]
+    assert ks == [8, 6, 3, 1, 0]
     steep = measured(prior_acceptance=0.8, verify_per_token=0.001, k_max=8)
     assert steep.best_depth("s", batch_tokens=64, batch_size=64) == 0
+
+
+def test_the_draft_costs_its_rows_so_a_batch_drafts_less_than_one_sequence():
+    """Learnt at one sequence only (1 ms a depth, so 1 ms a row), a batch of 8 drafting k
+    would cost 8k ms: nothing pays; one sequence still drafts."""
+    p = measured(prior_acceptance=0.8)
+    assert p.best_depth("s", batch_tokens=1, batch_size=1) > 0
+    assert p.best_depth("s", batch_tokens=8, batch_size=8) == 0
+    assert p.tokens_per_second("s", 2, 8, 8) == pytest.approx(
+        expected_tokens(2, 0.8) / (0.016 + 0.010))
+
+
+def test_a_draft_that_fell_behind_catches_up_only_where_it_pays():
+    """A sequence that decoded without drafting must feed its draft the missed tokens first:
+    once, beside the round's rows. Here 1 ms a row: 100 missed tokens cost 99 ms more, which
+    100 tokens left repay (~0.6 s saved at ~6 ms a token) and 10 do not (~0.06 s)."""
+    p = measured(prior_acceptance=0.8)
+    k = p.best_depth("s", 1)
+    assert k > 0
+    assert p.choose("s", 1, draft_lag=100, tokens_left=100) == k
+    assert p.choose("s", 1, draft_lag=100, tokens_left=10) == 0
+    assert p.choose("s", 1, draft_lag=1, tokens_left=1) == k  # the steady state: no catch-up
+    plain, spec = (p.tokens_per_second("s", d, 1) for d in (0, k))
+    saved_per_token = 1 / plain - 1 / spec
+    assert p.catch_up_pays("s", k, 1, 1, 100, int(0.099 / saved_per_token) + 1)
+    assert not p.catch_up_pays("s", k, 1, 1, 100, int(0.099 / saved_per_token) - 1)
 
 
 def test_exploration_backs_off_while_it_finds_nothing():
@@ -177,7 +214,7 @@ def test_observe_after_forget_keeps_no_state():
 
 
 def test_a_batch_depth_is_computed_once_per_round_and_follows_new_measurements():
-    p = measured(verify_per_token=0.0001, prior_acceptance=0.8)
+    p = batched()
     first = p.best_depth("a", 16, 16)
     assert first == p.best_depth("b", 16, 16) == p._best_depth("a", 16, 16) > 0
     assert list(p._batch_depth) == [(16, 16)]  # one computation for the round's sequences

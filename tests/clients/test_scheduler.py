@@ -307,8 +307,8 @@ class FakePolicy:
         self.calls = []
         self.forgotten = []
 
-    def choose(self, seq_id, batch_tokens, batch_size):
-        self.calls.append((seq_id, batch_tokens, batch_size))
+    def choose(self, seq_id, batch_tokens, batch_size, draft_lag=1, tokens_left=None):
+        self.calls.append((seq_id, batch_tokens, batch_size, draft_lag, tokens_left))
         return self.k
 
     def forget(self, seq_id):
@@ -323,8 +323,9 @@ def test_policy_chooses_within_the_request_cap():
     s.add(req("c", prompt_len=1, spec=0))  # never asked
     plan = s.schedule()
     assert plan.spec_lengths == (("a", 4), ("b", 6), ("c", 0))
-    # judged at the batch's decoding size (one token a sequence), not its prompts' 9 tokens
-    assert policy.calls == [("a", 3, 3), ("b", 3, 3)]
+    # judged at the batch's decoding size (one token a sequence), not its prompts' 9 tokens;
+    # each one's draft has not seen its prompt yet (the lag) and has all its tokens left
+    assert policy.calls == [("a", 3, 3, 3, 16), ("b", 3, 3, 5, 16)]
     s.commit("a", [EOS])
     assert policy.forgotten == ["a"]
 
