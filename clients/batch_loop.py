@@ -113,6 +113,18 @@ class BatchLoop:
         self.scheduler.finish(seq_id, "error")
         self._deliver(seq_id, exc)
 
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every submitted request gets `exc` (the scheduler's state is in doubt: each one is
+        also dropped from it where it still can be). Had the loop task died instead, they
+        would all have waited forever, and every later request too."""
+        for seq_id in list(self._sinks):
+            self._deliver(seq_id, exc)
+            try:
+                if seq_id in self.scheduler:
+                    self.scheduler.finish(seq_id, "error")
+            except Exception:  # noqa: BLE001 - already failed; nothing more to do for it
+                log.exception("could not drop %s from the scheduler", seq_id)
+
     # -- the rounds ------------------------------------------------------------------------
     async def run(self) -> None:
         """Forever: wait for work, run one round."""
@@ -120,7 +132,14 @@ class BatchLoop:
             if not self.scheduler.has_work:
                 self._wake.clear()
                 await self._wake.wait()
-            plan = self.scheduler.schedule()
+            try:
+                plan = self.scheduler.schedule()
+            except Exception as exc:  # noqa: BLE001 - a bug fails the requests, not the loop
+                log.exception("scheduling failed: failing every queued and running request")
+                self._fail_all(exc)
+                self.backoff_s = min(max(self.backoff_s * 2, 0.01), MAX_BACKOFF_S)
+                await asyncio.sleep(self.backoff_s)  # a bug that persists: no hot loop
+                continue
             if plan.is_empty:
                 await self._release(plan.finished_sequence_ids)
                 if self.scheduler.num_waiting:  # all requeued: wait for room

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -9,8 +10,8 @@ import pytest
 from specmesh.clients.async_client import AsyncSpecMeshClient
 from specmesh.clients.types import GenerationParams
 from specmesh.wire.errors import SpecMeshError
-from tests.conftest import TINY_TARGET
-from tests.stack import model_server
+from tests.conftest import TINY_DRAFT, TINY_TARGET
+from tests.stack import model_server, spec_stack
 
 
 @pytest.mark.models
@@ -41,3 +42,29 @@ async def test_oversized_prompts_are_refused_before_tokenizing(models):
             await client.generate([1] * 10_000, params=GenerationParams(max_new_tokens=4))
         ok = await client.generate("Once upon a time", params=GenerationParams(max_new_tokens=4))
         assert len(ok.token_ids) == 4
+
+
+@pytest.mark.models
+async def test_a_scheduling_bug_fails_its_requests_and_the_loop_goes_on(models, monkeypatch):
+    """An exception while planning a round (here the speculation policy's, once) fails the
+    requests of that moment with it; the client's loop lives on and serves the next ones
+    (it used to die with the exception, leaving every request waiting forever)."""
+    from specmesh.clients.batch_loop import PerRequestPolicy
+
+    calls = {"n": 0}
+    real = PerRequestPolicy.choose
+
+    def broken_once(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("policy bug")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(PerRequestPolicy, "choose", broken_once)
+    params = GenerationParams(max_new_tokens=6)
+    async with spec_stack(models / TINY_TARGET, models / TINY_DRAFT) as (verify, draft), \
+            AsyncSpecMeshClient(verify, draft) as client:
+        with pytest.raises(RuntimeError, match="policy bug"):
+            await asyncio.wait_for(client.generate([1, 403, 407], params=params), 30)
+        again = await asyncio.wait_for(client.generate([1, 403, 407], params=params), 30)
+        assert len(again.token_ids) == 6
