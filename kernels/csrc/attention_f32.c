@@ -62,90 +62,63 @@ static void offsets(const Kv *kv, const int32_t *pos, int n, int64_t *off) {
   for (int j = 0; j < n; j++) off[j] = slot(kv, pos[j]);
 }
 
-static inline __attribute__((always_inline)) void query_d(const float *q, const Kv *kv,
+/* `heads` (1 or 2, a compile-time constant) query heads that share one KV head (q, out: their
+ * adjacent [D] rows; s: [heads, n] scores): each K and V row is loaded once for all of them,
+ * and each head's arithmetic is the same operations in the same order as when it runs alone,
+ * so its output is bitwise that. */
+static inline __attribute__((always_inline)) void query_n(const float *q, const Kv *kv,
                                                           int head_off, const int64_t *off,
                                                           int n, float *s, float *out,
-                                                          int chunks, float scale) {
-  float m = -FLT_MAX;
-  for (int j = 0; j < n; j++) {
-    float x = scale * dot(q, kv->k + off[j] + head_off, chunks);
-    s[j] = x;
-    m = x > m ? x : m;
-  }
-#pragma omp simd
-  for (int j = 0; j < n; j++) s[j] = expf(s[j] - m);
-  float sum = 0.0f;
-  for (int j = 0; j < n; j++) sum += s[j];
-  __m512 acc[MAX_CHUNKS];
-  for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-  for (int j = 0; j < n; j++) {
-    __m512 p = _mm512_set1_ps(s[j]);
-    const float *vr = kv->v + off[j] + head_off;
-    for (int c = 0; c < chunks; c++)
-      acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), acc[c]);
-  }
-  __m512 inv = _mm512_set1_ps(1.0f / sum);
-  for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
-}
-
-
-/* Two query heads that share one KV head (q, out: their two [D] rows, adjacent): each K and V
- * row is loaded once for both; each head's arithmetic is query_d's, in the same order, so its
- * output is bitwise what it would be alone. s: [2, n]. */
-static inline __attribute__((always_inline)) void query2_d(const float *q, const Kv *kv,
-                                                          int head_off, const int64_t *off,
-                                                          int n, float *s, float *out,
-                                                          int chunks, float scale) {
-  float m0 = -FLT_MAX, m1 = -FLT_MAX;
-  float *s1 = s + n;
+                                                          int chunks, float scale, int heads) {
+  float m[2] = {-FLT_MAX, -FLT_MAX}, sum[2] = {0.0f, 0.0f};
   for (int j = 0; j < n; j++) {
     const float *kr = kv->k + off[j] + head_off;
-    float x0 = scale * dot(q, kr, chunks), x1 = scale * dot(q + 16 * chunks, kr, chunks);
-    s[j] = x0; s1[j] = x1;
-    m0 = x0 > m0 ? x0 : m0;
-    m1 = x1 > m1 ? x1 : m1;
+    for (int h = 0; h < heads; h++) {
+      float x = scale * dot(q + h * 16 * chunks, kr, chunks);
+      s[h * n + j] = x;
+      m[h] = x > m[h] ? x : m[h];
+    }
   }
+  for (int h = 0; h < heads; h++) {
+    float *sh = s + h * n, mh = m[h];
 #pragma omp simd
-  for (int j = 0; j < n; j++) s[j] = expf(s[j] - m0);
-#pragma omp simd
-  for (int j = 0; j < n; j++) s1[j] = expf(s1[j] - m1);
-  float sum0 = 0.0f, sum1 = 0.0f;
-  for (int j = 0; j < n; j++) sum0 += s[j];
-  for (int j = 0; j < n; j++) sum1 += s1[j];
-  __m512 a0[MAX_CHUNKS], a1[MAX_CHUNKS];
-  for (int c = 0; c < chunks; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) sh[j] = expf(sh[j] - mh);
+    for (int j = 0; j < n; j++) sum[h] += sh[j];
+  }
+  __m512 acc[2][MAX_CHUNKS];
+  for (int h = 0; h < heads; h++)
+    for (int c = 0; c < chunks; c++) acc[h][c] = _mm512_setzero_ps();
   for (int j = 0; j < n; j++) {
-    __m512 p0 = _mm512_set1_ps(s[j]), p1 = _mm512_set1_ps(s1[j]);
     const float *vr = kv->v + off[j] + head_off;
     for (int c = 0; c < chunks; c++) {
       __m512 vc = _mm512_loadu_ps(vr + 16 * c);
-      a0[c] = _mm512_fmadd_ps(p0, vc, a0[c]);
-      a1[c] = _mm512_fmadd_ps(p1, vc, a1[c]);
+      for (int h = 0; h < heads; h++)
+        acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * n + j]), vc, acc[h][c]);
     }
   }
-  __m512 i0 = _mm512_set1_ps(1.0f / sum0), i1 = _mm512_set1_ps(1.0f / sum1);
-  for (int c = 0; c < chunks; c++) {
-    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(a0[c], i0));
-    _mm512_storeu_ps(out + 16 * (chunks + c), _mm512_mul_ps(a1[c], i1));
+  for (int h = 0; h < heads; h++) {
+    __m512 inv = _mm512_set1_ps(1.0f / sum[h]);
+    for (int c = 0; c < chunks; c++)
+      _mm512_storeu_ps(out + 16 * (h * chunks + c), _mm512_mul_ps(acc[h][c], inv));
   }
 }
-/* query_d / query2_d with the head size a compile-time constant for the usual ones (64, 128):
- * the accumulators then stay in registers instead of a stack array (the same operations in
- * the same order: bitwise the generic path's results). `pair`: two heads at once. */
+
+/* query_n with the head size a compile-time constant for the usual ones (64, 128): the
+ * accumulators then stay in registers instead of a stack array (the same operations in the
+ * same order: bitwise the generic path's results). `pair`: two heads of one KV head at once. */
 static void query(const float *q, const Kv *kv, int head_off, const int64_t *off, int n,
                   float *s, float *out, int chunks, float scale, int pair) {
+#define QUERY(heads)                                                              \
+  switch (chunks) {                                                               \
+    case 4: query_n(q, kv, head_off, off, n, s, out, 4, scale, heads); return;      \
+    case 8: query_n(q, kv, head_off, off, n, s, out, 8, scale, heads); return;      \
+    default: query_n(q, kv, head_off, off, n, s, out, chunks, scale, heads); return; \
+  }
   if (pair) {
-    switch (chunks) {
-      case 4: query2_d(q, kv, head_off, off, n, s, out, 4, scale); return;
-      case 8: query2_d(q, kv, head_off, off, n, s, out, 8, scale); return;
-      default: query2_d(q, kv, head_off, off, n, s, out, chunks, scale); return;
-    }
+    QUERY(2)
   }
-  switch (chunks) {
-    case 4: query_d(q, kv, head_off, off, n, s, out, 4, scale); return;
-    case 8: query_d(q, kv, head_off, off, n, s, out, 8, scale); return;
-    default: query_d(q, kv, head_off, off, n, s, out, chunks, scale); return;
-  }
+  QUERY(1)
+#undef QUERY
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated. `max_visible` bounds any
