@@ -322,6 +322,7 @@ class Scheduler:
     # -- results of a round ----------------------------------------------------------------
     def commit(self, seq_id: str, tokens: Sequence[int], *, num_draft_tokens: int = 0,
                num_accepted_tokens: int = 0, draft_cached: int | None = None,
+               draft_matched: int | None = None,
                target_cached: int | None = None) -> CommitResult:
         """Append a verified round's tokens (accepted drafts + one bonus/recovered token).
 
@@ -329,7 +330,8 @@ class Scheduler:
         but the last (the bonus token has not been through it); the draft, if it proposed
         (num_draft_tokens > 0), holds the tokens it was sent, i.e. all tokens before this
         append. Pass the services' reported counts to override: a draft that kept its chain's
-        nodes reports them too, and of those only the accepted ones are the sequence's.
+        nodes reports them too, and of those only the accepted ones are the sequence's
+        (`draft_matched` of them where an accepted node lay off that chain: a dynamic tree's).
         Cuts after EOS (unless ignore_eos) and at max_new_tokens, and then retires the sequence.
         """
         seq = self._seqs[seq_id]
@@ -342,7 +344,8 @@ class Scheduler:
         seq.num_draft_tokens += num_draft_tokens
         seq.num_accepted_tokens += num_accepted_tokens
         if draft_cached is not None:
-            seq.draft_cached = min(draft_cached, before + num_accepted_tokens)
+            matched = num_accepted_tokens if draft_matched is None else draft_matched
+            seq.draft_cached = min(draft_cached, before + matched)
         elif num_draft_tokens > 0:
             seq.draft_cached = before
         seq.target_cached = len(seq.token_ids) - 1 if target_cached is None else target_cached

@@ -80,6 +80,7 @@ class DraftEngine(SequenceEngine):
             return results  # type: ignore[return-value]
         for i, fwd, grower in ready:
             self._keep_chain(fwd.seq_id, grower, committed[fwd.seq_id])
+            grower.finish()
             results[i] = ProposeResult(grower.tokens, grower.parents, grower.sparse_dists(),
                                        self.kv.num_tokens(fwd.seq_id))
         return results  # type: ignore[return-value]
@@ -99,11 +100,12 @@ class DraftEngine(SequenceEngine):
         return committed
 
     def _keep_chain(self, seq_id: str, grower: TreeGrower, committed: int) -> None:
-        """Drop a tree's KV; keep a chain's: its nodes were fed as causal tokens, so they stay
-        as the sequence's next tokens (reported in num_cached_tokens) and the next request,
-        cached up to the nodes the verifier accepted, re-runs only what came after them."""
+        """Drop a tree's KV; keep a chain's (or a spine's): its nodes were fed as causal
+        tokens, so they stay as the sequence's next tokens (reported in num_cached_tokens) and
+        the next request, cached up to the nodes the verifier accepted, re-runs only what came
+        after them."""
         fed = self.kv.num_tokens(seq_id) - committed
-        if grower.spec.kind != "chain" or not 0 < fed <= len(grower.tokens):
+        if not grower.is_chain or not 0 < fed <= len(grower.tokens):
             self.kv.truncate(seq_id, committed)
             return
         self.sequences.commit(seq_id, grower.tokens[:fed])
@@ -115,7 +117,7 @@ class DraftEngine(SequenceEngine):
         if not self.fold_first or self.chain is None:
             return 0
         shapes = {(min(g.spec.depth, g.spec.max_nodes), len(fwd.new_tokens))
-                  if g.spec.kind == "chain" and g.spec.enabled and fwd.tree is None
+                  if g.is_chain and g.spec.enabled and fwd.tree is None
                   and 1 <= len(fwd.new_tokens) <= MAX_FOLD_NEW else (0, 0)
                   for _, fwd, g in ready}
         steps, fed = shapes.pop() if len(shapes) == 1 else (0, 0)
@@ -135,22 +137,38 @@ class DraftEngine(SequenceEngine):
         new = [fwd.new_tokens for _, fwd, _ in ready]  # [B][n], n alike
         committed = {s: self.kv.num_tokens(s) + len(toks) for s, toks in zip(seq_ids, new)}
         self._feed_forced(seq_ids, new)
-        first = [toks[-1] for toks in new]
-        if all(g.sampling.greedy for g in growers):
-            chains, q = self.chain.run(self.kv, seq_ids, first, steps), None
-        else:  # the root's draw too from the exponentials drawn now, in the same order
-            draws = _draws(growers, steps, self.loaded.config.vocab_size)
-            chains, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws)
-        for row, ((_, fwd, grower), tokens) in enumerate(zip(ready, chains)):
+        # the root's node too (sampled: from the exponentials drawn now, in the same order)
+        self._chain_call(growers, seq_ids, [toks[-1] for toks in new], steps, start=True)
+        for _, fwd, _ in ready:
             end = self.kv.num_tokens(fwd.seq_id)  # the new tokens, then the fed chain nodes
             self.kv.set_num_tokens(fwd.seq_id, committed[fwd.seq_id])
             self.sequences.commit(fwd.seq_id, fwd.new_tokens)  # (checks tokens == KV count)
             self.kv.set_num_tokens(fwd.seq_id, end)
-            if grower.sampling.greedy:
-                grower.start_chain(tokens)
-            else:
-                grower.start_sampled_chain(tokens, q[row].numpy())
         return committed
+
+    def _chain_call(self, growers: list[TreeGrower], seq_ids: list[str], first: list[int],
+                    steps: int, start: bool) -> None:
+        """All `steps` depths of the chains in one chain-runner call, each grower given its
+        nodes (start: from the root), with each depth's distribution where a spine needs it."""
+        vocab = self.loaded.config.vocab_size
+        logits = torch.empty(len(growers), steps, vocab) if any(g.spine for g in growers) \
+            else None  # [B, steps, vocab]
+        extra = {} if logits is None else {"logits_out": logits}
+        draws = None
+        if all(g.sampling.greedy for g in growers):
+            chains = self.chain.run(self.kv, seq_ids, first, steps, **extra)
+        else:
+            draws = _draws(growers, steps, vocab)
+            chains, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws, **extra)
+        greedy_q = None if logits is None else torch.softmax(logits, -1).numpy()
+        for row, (g, tokens) in enumerate(zip(growers, chains)):
+            if g.sampling.greedy:
+                rows = greedy_q[row] if g.spine else None
+                (g.start_chain if start else g.extend_chain)(tokens, rows)
+            else:
+                expo = draws.expo[row].numpy() if g.spine else None
+                extend = g.start_sampled_chain if start else g.extend_sampled
+                extend(tokens, q[row].numpy(), expo)
 
     def _feed_forced(self, seq_ids: list[str], new: list[list[int]]) -> None:
         """All but the last of each sequence's new tokens through the chain runner, one
@@ -194,18 +212,9 @@ class DraftEngine(SequenceEngine):
         forward each."""
         first = [g.tokens[g.frontier[-1]] for g in growers]
         try:
-            if all(g.sampling.greedy for g in growers):
-                for g, tokens in zip(growers, self.chain.run(self.kv, seq_ids, first, steps)):
-                    g.extend_chain(tokens)
-                return True
-            if self.chain.samples_in_one_call(len(growers), steps):
-                draws = _draws(growers, steps, self.loaded.config.vocab_size)
-                tokens, q = self.chain.run_sampled(self.kv, seq_ids, first, steps, draws)
-                for g, toks, rows in zip(growers, tokens, q.numpy()):
-                    if g.sampling.greedy:
-                        g.extend_chain(toks)
-                    else:
-                        g.extend_sampled(toks, rows)
+            if all(g.sampling.greedy for g in growers) \
+                    or self.chain.samples_in_one_call(len(growers), steps):
+                self._chain_call(growers, seq_ids, first, steps, start=False)
                 return True
             if isinstance(self.chain, CudaChain):
                 return False  # too many exponentials to stage: one graphed forward a depth
@@ -225,7 +234,7 @@ class DraftEngine(SequenceEngine):
 
     def _chain_steps(self, growers: list[TreeGrower]) -> int:
         """Depths left if every grower is a chain with as many left, else 0."""
-        if self.chain is None or not all(g.spec.kind == "chain" for g in growers):
+        if self.chain is None or not all(g.is_chain for g in growers):
             return 0
         left = {g.chain_left for g in growers}
         return left.pop() if len(left) == 1 else 0
@@ -235,11 +244,12 @@ class DraftEngine(SequenceEngine):
         fwd, num_seeded = self._prepare(item, keep)
         gen = None if item.sampling.greedy else round_generator(
             item.seed, item.num_cached_tokens + num_seeded + len(fwd.new_tokens), "draft")
-        return fwd, TreeGrower(item.spec, item.sampling, gen)
+        spine = item.spec.kind == "dynamic" and isinstance(self.chain, ChainRunner)
+        return fwd, TreeGrower(item.spec, item.sampling, gen, spine=spine)
 
     @staticmethod
     def _depth_item(seq_id: str, grower: TreeGrower) -> ForwardItem:
-        if grower.spec.kind == "chain":
+        if grower.is_chain:
             return ForwardItem(seq_id, [grower.tokens[grower.frontier[-1]]])
         return ForwardItem(seq_id, [], compile_tree(grower.tokens, grower.parents),
                            list(grower.frontier))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specmesh.draft_service import draft_sampling
+from specmesh.draft_service import draft_sampling, spine_leaves
 from specmesh.kernels.sampling import SamplingConfig, warp_logits_to_probs
 from specmesh.wire.tree_spec import TreeSpec
 
@@ -43,6 +43,13 @@ class TreeGrower:
     dists: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # row -> sparse
     frontier: list[int] = field(default_factory=list)  # nodes whose children come next
     depth: int = 0  # depth of the nodes in `frontier`
+    spine: bool = False  # a dynamic tree grown as a chain plus leaves (`spine_leaves`)
+    leaves: list[tuple[int, int]] = field(default_factory=list)  # (parent, token), `finish`
+
+    @property
+    def is_chain(self) -> bool:
+        """Grown one node a depth, fed as causal tokens (a chain, or a dynamic tree's spine)."""
+        return self.spec.kind == "chain" or self.spine
 
     @property
     def width(self) -> int:
@@ -66,39 +73,60 @@ class TreeGrower:
         """Forwards a chain still needs (one node each)."""
         return min(self.spec.depth - 1 - self.depth, self._room()) if self.frontier else 0
 
-    def start_chain(self, tokens: list[int]) -> None:
+    def start_chain(self, tokens: list[int], q: np.ndarray | None = None) -> None:
         """A greedy chain chosen outside from the root: tokens[0] is the root's child (what
-        `grow_root` would choose), the rest as `extend_chain`."""
-        self.tokens, self.parents, self.logcum = [int(tokens[0])], [-1], [0.0]
-        self.frontier, self.depth = [0], 0
-        self.extend_chain(tokens[1:])
+        `grow_root` would choose), the rest as `extend_chain` (q [steps, vocab] likewise)."""
+        self.frontier, self.depth = [-1], -1
+        self.extend_chain(tokens, q)
 
-    def start_sampled_chain(self, tokens: list[int], q: np.ndarray) -> None:
+    def start_sampled_chain(self, tokens: list[int], q: np.ndarray,
+                            expo: np.ndarray | None = None) -> None:
         """A sampled chain drawn outside from the root: tokens[s] from q[s] [vocab], as
         `extend_sampled` (tokens[0] the root's child, q[0] the root's distribution)."""
         self.frontier, self.depth = [-1], -1
-        self.extend_sampled(tokens, q)
+        self.extend_sampled(tokens, q, expo)
 
-    def extend_chain(self, tokens: list[int]) -> None:
+    def extend_chain(self, tokens: list[int], q: np.ndarray | None = None) -> None:
         """Append a greedy chain's next nodes, chosen outside (`kernels.cpu_chain`): each the
-        argmax after the previous one, as `grow` would choose them."""
-        for tok in tokens:
-            parent = self.frontier[-1]
-            self.tokens.append(int(tok))
-            self.parents.append(parent)
-            self.logcum.append(self.logcum[parent])  # unused by chains (dynamic trees only)
-            self.frontier = [len(self.tokens) - 1]
+        argmax after the previous one, as `grow` would choose them. A spine needs q
+        [steps, vocab], the distribution each was chosen from (its leaves come from it)."""
+        for s, tok in enumerate(tokens):
+            children = [int(tok)]
+            if self.spine:
+                n = self._leaf_count(self.frontier[-1], q[s])
+                children += spine_leaves.greedy_leaves(q[s], int(tok), n)
+            self.frontier = self._add([self.frontier[-1]], [children],
+                                      None if q is None else q[s][None])
             self.depth += 1
 
-    def extend_sampled(self, tokens: list[int], q: np.ndarray) -> None:
+    def extend_sampled(self, tokens: list[int], q: np.ndarray,
+                       expo: np.ndarray | None = None) -> None:
         """Append a sampled chain's next nodes, drawn outside (`kernels.cpu_chain`): tokens[s]
-        from q[s] [vocab], the fp16 distribution it was drawn from (kept for the verifier)."""
-        for tok, row in zip(tokens, q):
+        from q[s] [vocab], the fp16 distribution it was drawn from (kept for the verifier).
+        A spine needs expo [steps, vocab], the race each was drawn by (its leaves finish next)."""
+        for s, (tok, row) in enumerate(zip(tokens, q)):
             parent = self.frontier[-1]
             support = np.flatnonzero(row > 0)
             self.dists[parent + 1] = (support.astype(np.int32), row[support].astype(np.float16))
-            self.frontier = self._add([parent], [[tok]], row[None])
+            children = [int(tok)]
+            if self.spine:
+                n = self._leaf_count(parent, row)
+                children += spine_leaves.sampled_leaves(row, expo[s], int(tok), n)
+            self.frontier = self._add([parent], [children], row[None])
             self.depth += 1
+
+    def _leaf_count(self, parent: int, q: np.ndarray) -> int:
+        """A spine's leaves at the next depth (q [vocab] the parent's distribution)."""
+        room = self.spec.max_nodes - self.spec.depth - len(self.leaves)
+        return spine_leaves.leaf_count(0.0 if parent < 0 else self.logcum[parent], q, room)
+
+    def finish(self) -> None:
+        """A spine's leaves join the tree after its nodes (the chain the draft fed stays the
+        tree's first nodes, and the order stays topological)."""
+        for parent, tok in self.leaves:
+            self.tokens.append(tok)
+            self.parents.append(parent)
+        self.leaves = []
 
     def grow(self, logits: torch.Tensor) -> None:
         """logits [len(frontier), vocab]: choose the next depth's nodes."""
@@ -132,23 +160,32 @@ class TreeGrower:
                             if k else [])
         return self._add(parents, children, q)
 
-    def _add(self, parents: list[int], children: list[list[int]], q: np.ndarray) -> list[int]:
+    def _add(self, parents: list[int], children: list[list[int]],
+             q: np.ndarray | None) -> list[int]:
         """Append each parent's chosen children (q [P, vocab]: their log-probability joins the
-        path's); returns the new nodes."""
+        path's; None for a plain chain, which needs none); returns the new nodes. A spine's
+        children past the first are its leaves, kept aside (`finish`)."""
         new_nodes = []
         for row, (parent, toks) in enumerate(zip(parents, children)):
             base = 0.0 if parent < 0 else self.logcum[parent]
+            if self.spine:
+                self.leaves += [(parent, int(tok)) for tok in toks[1:]]
+                toks = toks[:1]
             for tok in toks:
                 new_nodes.append(len(self.tokens))
                 self.tokens.append(int(tok))
                 self.parents.append(parent)
-                self.logcum.append(base + math.log(max(float(q[row, tok]), 1e-30)))
+                self.logcum.append(base if q is None
+                                   else base + math.log(max(float(q[row, tok]), 1e-30)))
         return new_nodes
 
     def _counts(self, parents: list[int], q: torch.Tensor) -> list[int]:
         """Children per parent, decided from the parents' paths and distributions only."""
         room = self._room()
         depth = 0 if parents == [-1] else self.depth + 1
+        if self.spine:  # one parent: the spine's node, then its leaves
+            n = self._leaf_count(parents[0], q[0].numpy())
+            return [min(1 + n, int((q[0] > 0).sum())) if room > 0 else 0]
         if self.spec.kind == "chain":
             return [min(1, room)] * len(parents)
         if self.spec.kind == "static":

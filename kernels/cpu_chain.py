@@ -35,7 +35,7 @@ class _Chain(ctypes.Structure):
                 + [(n, _P) for n in ("embed", "norm_w", "lm_head", "rope_cos", "rope_sin",
                                      "weights", "tokens", "positions", "out", "x", "logits",
                                      "expo", "temperature", "top_p_tail", "top_k", "q_out",
-                                     "scores", "order")])
+                                     "scores", "order", "logits_out")])
 
 SAMPLED_MAX_VOCAB = 16384  # past this one thread's sort per depth costs more than torch's
 
@@ -99,14 +99,15 @@ class ChainRunner:
         return self.model.fused_layers is self.fused and last <= self.model.rope.cos.shape[0]
 
     def run_sampled(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
-                    draws: ChainDraws) -> tuple[list[list[int]], torch.Tensor]:
+                    draws: ChainDraws, logits_out: torch.Tensor | None = None
+                    ) -> tuple[list[list[int]], torch.Tensor]:
         """As `run`, all depths in one C call, each row choosing as `draws` says: greedy rows
         the argmax, sampled rows a draw from their warped, fp16-rounded distribution. Returns
         the tokens and q [B, steps, vocab] float32, the distribution of each sampled draw
         (zeros on greedy rows)."""
         q = torch.zeros(len(seq_ids), steps, self.model.config.vocab_size)
         draws.q_out = q
-        return self.run(kv, seq_ids, first, steps, draws=draws), q
+        return self.run(kv, seq_ids, first, steps, draws=draws, logits_out=logits_out), q
 
     def samples_in_one_call(self, num_rows: int, steps: int) -> bool:
         """`run_sampled` serves this model's vocabulary (SPECMESH_CPU_CHAIN_SAMPLED=0: no,
@@ -126,12 +127,14 @@ class ChainRunner:
 
     def run(self, kv: PagedKVCache, seq_ids: list[str], first: list[int], steps: int,
             choose: Callable[[torch.Tensor], list[int]] | None = None,
-            draws: ChainDraws | None = None) -> list[list[int]]:
+            draws: ChainDraws | None = None,
+            logits_out: torch.Tensor | None = None) -> list[list[int]]:
         """Feed first[b] at the end of sequence b's KV, then `steps` depths; returns each
         sequence's `steps` next tokens. Greedy (`choose` None): the argmax of each depth's
         logits, all depths in one C call. Else `choose(logits [B, vocab]) -> B tokens` picks
         them (sampling), one C call per depth. The KV of the fed tokens is written (each
-        sequence's num_tokens grows by `steps`), as `ModelRunner.forward` would."""
+        sequence's num_tokens grows by `steps`), as `ModelRunner.forward` would. `logits_out`
+        [B, steps, vocab] float32 (all depths in one call only): each depth's logits."""
         m, f = self.model, self.fused
         b, vocab = len(seq_ids), m.config.vocab_size
         tables = [kv.block_table(s) for s in seq_ids]
@@ -147,7 +150,10 @@ class ChainRunner:
         logits = torch.empty(b, vocab)  # [B, vocab]
         fwd, keep = self._forward(b, block_tables, kv)
         head = m.lm_head
-        sampled = self._sampled_args(draws, b, steps, vocab)
+        if logits_out is not None:
+            assert choose is None and tuple(logits_out.shape) == (b, steps, vocab)
+            assert logits_out.dtype == torch.float32 and logits_out.is_contiguous()
+        sampled = self._sampled_args(draws, b, steps, vocab) + [logits_out]
         chain = _Chain(b, per_call, vocab, len(f._weights), m.rope.cos.shape[0],
                        int(getattr(head, "stream_weights", False)), kv.k[0].numel(),
                        m.model.embed_tokens.weight.data_ptr(), m.model.norm.weight.data_ptr(),

@@ -16,5 +16,11 @@ from tests.test_sampling_lossless import (
 pytestmark = pytest.mark.models
 
 
-def test_an_int8_draft_keeps_the_target_distribution(models):
-    check_int8_draft(models, hf_target_pairs(models / TINY_TARGET), 4_000, max_tv=0.06)
+@pytest.fixture(scope="module")
+def target_pairs(models):
+    return hf_target_pairs(models / TINY_TARGET)
+
+
+@pytest.mark.parametrize("spec", ["chain:3", "dynamic:6/3"])  # dynamic: a spine and leaves
+def test_an_int8_draft_keeps_the_target_distribution(models, target_pairs, spec):
+    check_int8_draft(models, target_pairs, 4_000, max_tv=0.06, spec=spec)

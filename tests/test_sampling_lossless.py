@@ -120,7 +120,7 @@ def target_pairs(models):
     return hf_target_pairs(models / TINY_TARGET)
 
 
-@pytest.mark.parametrize("spec", ["chain:3", "static:3,2"])
+@pytest.mark.parametrize("spec", ["chain:3", "static:3,2", "dynamic:6/3"])
 def test_first_two_tokens_follow_the_target(models, target_pairs, spec):
     pairs, after_rejection = sample_pairs(models, TreeSpec.parse(spec))
     p_value, tv, unexpected = check(pairs, target_pairs)
@@ -147,13 +147,16 @@ def _int8_draft(models):
     return DraftEngine(loaded, EngineConfig(kv_cache_mb=256))
 
 
-def test_an_int8_draft_keeps_the_target_distribution(models, target_pairs):
-    """(tests/test_sampling_int8_draft.py runs a CI-sized version by default)"""
-    check_int8_draft(models, target_pairs, NUM_SAMPLES, max_tv=0.03)
+@pytest.mark.parametrize("spec", ["chain:3", "dynamic:6/3"])
+def test_an_int8_draft_keeps_the_target_distribution(models, target_pairs, spec):
+    """(tests/test_sampling_int8_draft.py runs a CI-sized version by default). Its chains run
+    through the C chain, where a dynamic tree is a spine and its leaves (`spine_leaves`)."""
+    check_int8_draft(models, target_pairs, NUM_SAMPLES, max_tv=0.03, spec=spec)
 
 
-def check_int8_draft(models, target_pairs, num_samples: int, max_tv: float) -> None:
-    pairs, _ = sample_pairs(models, TreeSpec.parse("chain:3"), draft=_int8_draft(models),
+def check_int8_draft(models, target_pairs, num_samples: int, max_tv: float,
+                     spec: str = "chain:3") -> None:
+    pairs, _ = sample_pairs(models, TreeSpec.parse(spec), draft=_int8_draft(models),
                             num_samples=num_samples)
     p_value, tv, unexpected = check(pairs, target_pairs)
     assert not unexpected, f"tokens outside the target's support: {unexpected[:5]}"

@@ -21,6 +21,9 @@
  * it to q_out[b, s] and draws the token by the exponential race of
  * `sample_without_replacement` with k = 1: the v with q_v > 0 minimising expo[b, s, v] / q_v,
  * the exponentials drawn beforehand from the request's generator.
+ *
+ * `logits_out` set: each depth's logits are also kept there (a dynamic tree chooses its leaves,
+ * the draft's next choices along the chain, from them after the call).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -48,6 +51,8 @@ typedef struct {
   float *q_out;                     /* [B, steps, vocab] each sampled depth's distribution */
   float *scores;                    /* scratch [vocab] */
   int32_t *order;                   /* scratch [vocab] */
+  float *logits_out;                /* [B, steps, vocab] each depth's logits, or NULL (a
+                                       dynamic tree's leaves come from them) */
 } Chain;
 
 /* Per-depth inputs: embeddings, rope rows and the attention metadata of B causal rows. */
@@ -165,6 +170,9 @@ int specmesh_chain_f16(Chain *c, Forward *f, float *k_pool, float *v_pool) {
     specmesh_linear_f16(c->lm_head, f->xn, c->logits, c->B, c->vocab, f->hidden, f->threads,
                         c->lm_stream);
     for (int b = 0; b < c->B; b++) {
+      if (c->logits_out != NULL)
+        memcpy(c->logits_out + ((int64_t)b * c->steps + s) * c->vocab,
+               c->logits + (int64_t)b * c->vocab, sizeof(float) * c->vocab);
       c->tokens[b] = next_token(c, b, s);
       c->out[(int64_t)b * c->steps + s] = c->tokens[b];
       c->positions[b] += 1;

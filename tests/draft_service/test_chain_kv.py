@@ -77,5 +77,5 @@ def test_a_sampled_chain_keeps_its_nodes_too_and_folds_its_root_draw(loaded):
 def test_a_wider_tree_keeps_no_nodes(loaded):
     engine = DraftEngine(loaded, EngineConfig())
     res = engine.propose_batch([ProposeItem(seq_id="s", num_cached_tokens=0, new_tokens=PROMPT,
-                                            spec=TreeSpec.parse("dynamic:8"))])[0]
-    assert len(res.tokens) > 1 and res.num_cached_tokens == len(PROMPT)
+                                            spec=TreeSpec.parse("static:2,2"))])[0]
+    assert len(res.tokens) == 6 and res.num_cached_tokens == len(PROMPT)
