@@ -21,6 +21,7 @@ import grpc
 
 from specmesh.clients.adaptive import AdaptiveSpeculation
 from specmesh.clients.plan import SequenceDelta, SequenceRequest, StepPlan
+from specmesh.clients.scheduled import chain_matched
 from specmesh.clients.scheduler import Scheduler
 from specmesh.clients.step import Stubs, propose_batch, verify_batch, verify_request
 from specmesh.v1 import draft_pb2, verify_pb2
@@ -238,7 +239,8 @@ class BatchLoop:
             seq_id, list(reply.tokens), num_draft_tokens=drafted,
             num_accepted_tokens=reply.num_accepted_draft_tokens,
             draft_cached=proposal.num_cached_tokens if drafted else None,
-            draft_matched=_chain_matched(proposal.tree, reply) if drafted else None,
+            draft_matched=chain_matched(proposal.tree.tokens, proposal.tree.parents, reply.tokens,
+                                        reply.num_accepted_draft_tokens) if drafted else None,
             target_cached=reply.num_cached_tokens)
         if drafted and seq_id in self.policy.adaptive_ids:
             self.policy.adaptive.observe_round(seq_id, _depth(proposal),
@@ -298,16 +300,6 @@ def _steady_rows(drafting: Sequence[SequenceDelta], proposed: Sequence) -> int |
     if max(fed, default=0) > 2:
         return None
     return sum(n - 1 + _depth(p) for n, p in zip(fed, proposed) if _depth(p))
-
-
-def _chain_matched(tree, reply: verify_pb2.VerifyResponse) -> int:
-    """Accepted tokens along the tree's leading chain (nodes 0, 1, .. each the child of the
-    one before): the draft fed that chain, so its KV holds them; a dynamic tree's leaf
-    accepted off the chain ends the match there."""
-    n, accepted = 0, min(reply.num_accepted_draft_tokens, len(reply.tokens), len(tree.tokens))
-    while n < accepted and tree.parents[n] == n - 1 and tree.tokens[n] == reply.tokens[n]:
-        n += 1
-    return n
 
 
 def _depth(proposal) -> int:

@@ -59,6 +59,16 @@ def delta(seq: ScheduledSequence, spec: TreeSpec) -> SequenceDelta:
                          seq.request.sampling)
 
 
+def chain_matched(tree_tokens, tree_parents, tokens, num_accepted: int) -> int:
+    """Accepted draft tokens along the tree's leading chain (nodes 0, 1, .. each the child of
+    the one before): the draft fed that chain, so its KV holds them; a dynamic tree's leaf
+    accepted off the chain ends the match there. `tokens`: the round's accepted tokens first."""
+    n, accepted = 0, min(num_accepted, len(tokens), len(tree_tokens))
+    while n < accepted and tree_parents[n] == n - 1 and tree_tokens[n] == tokens[n]:
+        n += 1
+    return n
+
+
 def cut(seq: ScheduledSequence, tokens: list[int]) -> list[int]:
     """Keep tokens up to and including the first EOS, and no more than max_new_tokens."""
     req = seq.request

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as the model services set it
 
 from specmesh.clients.models import resolve_pair  # noqa: E402
+from specmesh.clients.scheduled import chain_matched  # noqa: E402
 from specmesh.clients.tokenizer import TextCodec  # noqa: E402
 from specmesh.draft_service.engine import DraftEngine, ProposeItem  # noqa: E402
 from specmesh.kernels import load_for_service  # noqa: E402
@@ -72,8 +73,8 @@ def generate(draft: DraftEngine, verify: VerifyEngine, prompt: list[int], spec: 
             if isinstance(out, Exception):
                 raise RuntimeError(f"engine error: {out}")
         if proposal is not None:  # the draft's chain nodes past the accepted ones are not ours
-            d_cached = min(proposal.num_cached_tokens,
-                           len(tokens) + result.num_accepted_draft_tokens)
+            d_cached = min(proposal.num_cached_tokens, len(tokens) + chain_matched(
+                proposal.tokens, proposal.parents, result.tokens, result.num_accepted_draft_tokens))
         tokens += result.tokens
         v_cached = result.num_cached_tokens
         tally.tokens += len(result.tokens)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from specmesh.clients.batch_loop import _chain_matched
+from specmesh.clients.scheduled import chain_matched
 from specmesh.draft_service import spine_leaves
 from specmesh.draft_service.engine import DraftEngine, ProposeItem
 from specmesh.kernels import load_for_service
@@ -17,7 +17,6 @@ from specmesh.kernels.runner import ForwardItem
 from specmesh.kernels.sampling import SamplingConfig
 from specmesh.kernels.seeding import round_generator
 from specmesh.model_service.config import EngineConfig
-from specmesh.v1 import common_pb2, verify_pb2
 from specmesh.wire.tree_spec import TreeSpec
 from tests.conftest import WIDE_DRAFT
 
@@ -120,9 +119,8 @@ def test_after_a_leaf_is_accepted_the_draft_reruns_from_where_its_spine_left(loa
     engine = DraftEngine(loaded, EngineConfig())
     first = _propose(engine, "s", 0, PROMPT)
     leaf = next(i for i, p in enumerate(first.parents) if i >= 5 and p == -1)
-    reply = verify_pb2.VerifyResponse(tokens=[first.tokens[leaf], 7], num_accepted_draft_tokens=1)
-    tree = common_pb2.TokenTree(tokens=first.tokens, parents=first.parents)
-    assert _chain_matched(tree, reply) == 0  # the leaf is off the spine: nothing of it kept
+    # the leaf is off the spine: nothing of the spine kept
+    assert chain_matched(first.tokens, first.parents, [first.tokens[leaf], 7], 1) == 0
     kept = _propose(engine, "s", len(PROMPT), [first.tokens[leaf], 7])
     fresh = _propose(DraftEngine(loaded, EngineConfig()), "t", 0,
                      PROMPT + [first.tokens[leaf], 7])
@@ -130,9 +128,8 @@ def test_after_a_leaf_is_accepted_the_draft_reruns_from_where_its_spine_left(loa
 
 
 def test_the_client_keeps_the_draft_cache_up_to_the_first_accepted_token_off_its_chain():
-    tree = common_pb2.TokenTree(tokens=[5, 6, 7, 8, 9], parents=[-1, 0, 1, -1, 0])
-    reply = verify_pb2.VerifyResponse
-    assert _chain_matched(tree, reply(tokens=[5, 6, 7, 2], num_accepted_draft_tokens=3)) == 3
-    assert _chain_matched(tree, reply(tokens=[5, 9, 2], num_accepted_draft_tokens=2)) == 1
-    assert _chain_matched(tree, reply(tokens=[8, 2], num_accepted_draft_tokens=1)) == 0
-    assert _chain_matched(tree, reply(tokens=[3], num_accepted_draft_tokens=0)) == 0
+    tree = ([5, 6, 7, 8, 9], [-1, 0, 1, -1, 0])
+    assert chain_matched(*tree, [5, 6, 7, 2], 3) == 3
+    assert chain_matched(*tree, [5, 9, 2], 2) == 1
+    assert chain_matched(*tree, [8, 2], 1) == 0
+    assert chain_matched(*tree, [3], 0) == 0
