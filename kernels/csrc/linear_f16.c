@@ -63,7 +63,7 @@ static inline __attribute__((always_inline)) void tile(const void *w, const floa
                                                        const float *x, float *y, int N, int K,
                                                        int n, int nb, int m0, int mb, int nta,
                                                        int q8) {
-  __m512 acc[NB][MB];
+  __m512 acc[NB][MB + 3]; /* 3 x 7..9 tiles too (`columns`) */
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
   /* the next tile's weight rows, fetched while this one computes (the first pass over a tile
@@ -121,12 +121,26 @@ static inline __attribute__((always_inline)) void tile(const void *w, const floa
     default: tile(w, scale, x, y, N, K, n, nb, m0, MB, nta, q8); break;    \
   }
 
+/* nb weight rows x all M (7..9) input rows in one tile */
+#define THIN(nb)                                                           \
+  switch (M) {                                                             \
+    case 7: tile(w, scale, x, y, N, K, n, nb, 0, 7, nta, q8); break;       \
+    case 8: tile(w, scale, x, y, N, K, n, nb, 0, 8, nta, q8); break;       \
+    default: tile(w, scale, x, y, N, K, n, nb, 0, 9, nta, q8); break;      \
+  }
+
 static inline __attribute__((always_inline)) void columns(const void *w, const float *scale,
                                                           const float *x, float *y, int M,
                                                           int N, int K, int n0, int n1,
                                                           int nta, int q8) {
   /* weight tiles outer (each read from memory once), input rows inner (they stay in cache) */
   int n = n0;
+  if (M >= 7 && M <= 9) { /* one pass of 3 x M tiles (21-27 accumulators), not 4 x 6 tiles and
+                            a 1-3 row tail converting every weight vector again for 4-12 FMAs */
+    for (; n + 3 <= n1; n += 3) THIN(3)
+    for (; n < n1; n++) THIN(1)
+    return;
+  }
   for (; n + NB <= n1; n += NB)
     for (int m0 = 0; m0 < M; m0 += MB) {
       int mb = M - m0 < MB ? M - m0 : MB;

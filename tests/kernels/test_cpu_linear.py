@@ -41,7 +41,7 @@ def test_exact_small_integers():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 17, 40])
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 8, 9, 10, 17, 40])
 def test_matches_f_linear_and_is_batch_invariant(rows):
     gen = torch.Generator().manual_seed(rows)
     w = (torch.randn(37, 96, generator=gen) * 0.1).half()  # [N, K]: column tail, 6 k steps
