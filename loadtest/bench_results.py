@@ -164,11 +164,25 @@ def compute_ratios(rows: list[BenchRow], trees: list[str]) -> list[Ratio]:
         wanted.append((f"best spec/target c=1 [{best.tree}]", best, _find(rows, TARGET, 1)))
         wanted.append((f"best spec / hf assisted c=1 [{best.tree}]", best,
                        _find(rows, HF_ASSISTED, 1)))
+    wanted.append(_best_dynamic_vs_chain(rows, lo))
     wanted.append(("ours target-only / hf target-only c=1",
                    _find(rows, TARGET, 1), _find(rows, HF_TARGET, 1)))
     wanted.append(("hf assisted / hf target-only c=1",
                    _find(rows, HF_ASSISTED, 1), _find(rows, HF_TARGET, 1)))
     return [r for r in (_ratio(*w) for w in wanted) if r is not None]
+
+
+def _best_dynamic_vs_chain(rows: list[BenchRow], conc: int) -> tuple:
+    """(name, best dynamic tree, best fixed chain) at `conc` (issue 9: a dynamic tree at least
+    as fast as the best chain); rows None where either is missing."""
+    def best(kind: str) -> BenchRow | None:
+        return max((r for r in rows if r.system == "specmesh" and r.kind == SPEC
+                    and r.concurrency == conc and r.tree.split(":")[0] == kind
+                    and "+" not in r.tree), key=lambda r: r.tokens_per_s, default=None)
+    dyn, chain = best("dynamic"), best("chain")
+    name = (f"best dynamic / best chain c={conc} [{dyn.tree} / {chain.tree}]"
+            if dyn and chain else "")
+    return name, dyn, chain
 
 
 def check_outputs(runs: list[ModeRun], max_new_tokens: int, exact: bool = True,

@@ -56,6 +56,8 @@ def test_summarise_and_ratios():
             _run("specmesh", TARGET, "", 4, ids, wall=1.0),
             _run("specmesh", SPEC, "chain:4", 1, ids, wall=1.0, rounds=2, accepted=2),
             _run("specmesh", SPEC, "chain:4", 4, ids, wall=0.5, rounds=2, accepted=2),
+            _run("specmesh", SPEC, "dynamic:8", 1, ids, wall=1.6, rounds=2, accepted=2),
+            _run("specmesh", SPEC, "chain:5+adaptive", 1, ids, wall=0.5),  # not a fixed chain
             _run("hf", HF_TARGET, "", 1, ids, wall=4.0),
             _run("hf", HF_ASSISTED, "draft", 1, ids, wall=2.0, rounds=2, accepted=2)]
     spec1 = runs[2].row
@@ -67,8 +69,9 @@ def test_summarise_and_ratios():
                       "ours spec [chain:4] / hf assisted c=1": 2.0,
                       "ours target-only / hf target-only c=1": 2.0,
                       "hf assisted / hf target-only c=1": 2.0,
-                      "best spec/target c=1 [chain:4]": 2.0,
-                      "best spec / hf assisted c=1 [chain:4]": 2.0}
+                      "best spec/target c=1 [chain:5+adaptive]": 4.0,
+                      "best spec / hf assisted c=1 [chain:5+adaptive]": 4.0,
+                      "best dynamic / best chain c=1 [dynamic:8 / chain:4]": 0.625}
     assert check_outputs(runs, 4).total == 0
     assert "specmesh spec chain:4" in format_table([r.row for r in runs])
 
