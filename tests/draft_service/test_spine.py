@@ -133,3 +133,19 @@ def test_the_client_keeps_the_draft_cache_up_to_the_first_accepted_token_off_its
     assert chain_matched(*tree, [5, 9, 2], 2) == 1
     assert chain_matched(*tree, [8, 2], 1) == 0
     assert chain_matched(*tree, [3], 0) == 0
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SAMPLED])
+def test_a_spine_grown_depth_by_depth_in_python_is_the_same_tree(loaded, sampling):
+    """Batched with a chain of another length, a spine grows one Python-driven forward a
+    depth (`TreeGrower.grow`), not in the C chain: the same nodes, leaves and draws."""
+    alone = _propose(DraftEngine(loaded, EngineConfig()), "d", 0, PROMPT, sampling=sampling)
+    engine = DraftEngine(loaded, EngineConfig())
+    mixed = engine.propose_batch([
+        ProposeItem(seq_id="c", num_cached_tokens=0, new_tokens=PROMPT[:3],
+                    spec=TreeSpec.parse("chain:3")),
+        ProposeItem(seq_id="d", num_cached_tokens=0, new_tokens=PROMPT, spec=DYNAMIC,
+                    sampling=sampling, seed=5)])[1]
+    assert (mixed.tokens, mixed.parents) == (alone.tokens, alone.parents)
+    assert mixed.num_cached_tokens == alone.num_cached_tokens
+    assert len(alone.tokens) > 5  # it has leaves
