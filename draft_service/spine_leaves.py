@@ -35,10 +35,11 @@ def leaf_count(path_logp: float, q: np.ndarray, budget: int) -> int:
     q [vocab] the parent's distribution, budget the nodes still free."""
     if budget <= 0:
         return 0
-    top = np.partition(q, -(MAX_RANK + 1))[-(MAX_RANK + 1):][::-1]  # [MAX_RANK + 1] descending
+    ranks = min(MAX_RANK + 1, q.shape[0])
+    top = np.partition(q, -ranks)[-ranks:][::-1]  # [ranks] the largest, descending
     path = math.exp(path_logp)
     n = 0
-    for r in range(1, MAX_RANK + 1):
+    for r in range(1, ranks):
         if n >= budget or top[r] <= 0.0 or path * float(top[r]) < MIN_LEAF_SCORE:
             break
         n += 1

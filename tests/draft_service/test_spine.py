@@ -33,6 +33,7 @@ def test_leaves_join_while_their_path_is_likely_enough_and_nodes_are_left():
     assert spine_leaves.leaf_count(0.0, q, 0) == 0
     assert spine_leaves.leaf_count(0.0, np.array([0.95, 0.05, 0.0, 0.0]), 3) == 0
     assert spine_leaves.leaf_count(0.0, np.array([0.8, 0.2, 0.0, 0.0]), 3) == 1  # no 0 leaf
+    assert spine_leaves.leaf_count(0.0, np.array([0.6, 0.4]), 3) == 1  # a two-token vocabulary
 
 
 def test_greedy_leaves_are_the_next_choices_and_sampled_ones_the_next_finishers():
