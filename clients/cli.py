@@ -23,7 +23,8 @@ SERVICE_MODULES = {"draft": "specmesh.draft_service", "verify": "specmesh.verify
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=GenerationParams.max_new_tokens)
     p.add_argument("--k", type=int, default=None, help="chain length (same as --tree chain:K)")
-    p.add_argument("--tree", default=None, help="chain:K | static:B1,B2,.. | dynamic:N[/D] | ngram:N | none")
+    p.add_argument("--tree", default=None,
+                   help="chain:K | static:B1,B2,.. | dynamic:N[/D] | ngram:N | none")
     p.add_argument("--no-spec", action="store_true", help="target-only decoding (no draft)")
     p.add_argument("--adaptive", action="store_true", help="choose the tree size every round")
     p.add_argument("--temperature", type=float, default=0.0)
