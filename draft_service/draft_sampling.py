@@ -58,9 +58,15 @@ def race(q: np.ndarray, k: int, generator: torch.Generator) -> np.ndarray:
     replacement), from one exponential per token: the first k to finish at E_v / q_v."""
     e = torch.empty(q.shape[0], dtype=torch.float64,
                     device=generator.device).exponential_(generator=generator).cpu().numpy()
+    return finishers(e, q, k)
+
+
+def finishers(e: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """The first k tokens (q > 0 only) to finish the race at e_v / q_v, in order; e [V] the
+    exponentials, q [V] the probabilities."""
     num = min(k, int(np.count_nonzero(q > 0)))
     with np.errstate(divide="ignore"):
-        finish = e / q.astype(np.float64)  # [V], inf where q == 0
+        finish = e.astype(np.float64) / q.astype(np.float64)  # [V], inf where q == 0
     if num == 1:
         return np.array([int(np.argmin(finish))], dtype=np.int64)
     first = np.argpartition(finish, num - 1)[:num]

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from specmesh.draft_service import draft_sampling
+
 MIN_LEAF_SCORE = 0.1  # a leaf is worth a verify row when its path is at least this likely
 MAX_RANK = 2  # leaves per depth: the draft's second and third choices at most
 
@@ -60,7 +62,5 @@ def sampled_leaves(q: np.ndarray, expo: np.ndarray, spine_token: int, n: int) ->
     distribution drawn from, expo [vocab] its exponentials): draws without replacement."""
     if n <= 0:
         return []
-    with np.errstate(divide="ignore"):
-        finish = expo.astype(np.float64) / q.astype(np.float64)  # [vocab], inf where q == 0
-    order = np.argsort(finish, kind="stable")[:n + 1]
-    return [int(t) for t in order if t != spine_token and q[t] > 0][:n]
+    order = draft_sampling.finishers(expo, q, n + 1)
+    return [int(t) for t in order if t != spine_token][:n]
