@@ -45,23 +45,21 @@ def _default(name: str) -> pathlib.Path:
     return root / name
 
 
-def _weights(loaded: LoadedModel) -> list[torch.Tensor]:
-    """The projection weights as served: fp16 where `kernels.linear.attach_f16` kept them so,
-    int8 where `attach_q8` did (its scales ride along: `_scales`)."""
+def _weights(loaded: LoadedModel) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+    """The projection weights as served, each with its output count and int8 scales: fp16
+    panels where `kernels.linear.attach_f16` kept them so, int8 panels (and their scales)
+    where `attach_q8` did, else the plain weight."""
     out = []
     for m in loaded.model.modules():
         if isinstance(m, torch.nn.Linear):
-            w = getattr(m, "weight_q8", None)
-            w = getattr(m, "weight_f16", None) if w is None else w
-            if w is not None or m.weight.numel():
-                out.append(m.weight if w is None else w)
+            q8, f16 = getattr(m, "weight_q8", None), getattr(m, "weight_f16", None)
+            if q8 is not None:
+                out.append((q8, m.out_features, m.weight_scale))
+            elif f16 is not None:
+                out.append((f16, m.out_features, None))
+            elif m.weight.numel():
+                out.append((m.weight, m.out_features, None))
     return out
-
-
-def _scales(loaded: LoadedModel) -> dict[int, torch.Tensor]:
-    """id(int8 weight) -> its per-row scales [out] fp32."""
-    return {id(m.weight_q8): m.weight_scale for m in loaded.model.modules()
-            if getattr(m, "weight_q8", None) is not None}
 
 
 def _runner(loaded: LoadedModel) -> ModelRunner:
@@ -87,17 +85,17 @@ def _step(runner: ModelRunner, rows: int):
 
 
 def _sweep(loaded: LoadedModel):
-    weights, scales = _weights(loaded), _scales(loaded)
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device) for w in weights}
-    stream = weight_arena.streamed(sum(w.nbytes for w in weights))  # as the forward reads them
+    weights = _weights(loaded)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device) for w, _, _ in weights}
+    stream = weight_arena.streamed(sum(w.nbytes for w, _, _ in weights))  # as the forward does
 
     def run() -> None:
         with torch.inference_mode():
-            for w in weights:
+            for w, n, scale in weights:
                 if w.dtype == torch.int8:
-                    linear_q8(xs[w.shape[1]], w, scales[id(w)], stream=stream)
+                    linear_q8(xs[w.shape[1]], w, scale, stream=stream)
                 elif w.dtype == torch.float16 and w.device.type == "cpu":
-                    linear_f16(xs[w.shape[1]], w, stream=stream)
+                    linear_f16(xs[w.shape[1]], w, n, stream=stream)
                 else:
                     F.linear(xs[w.shape[1]].to(w.dtype), w)
     if loaded.device.type != "cuda":
@@ -136,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     cases |= {"draft rows=1": _step(dr, 1), "draft rows=3": _step(dr, 3)}
     times = _time(cases, args.repeats, target.device)
     stats = {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
-    bytes_ = {m: sum(w.numel() * w.element_size() for w in _weights(x))
+    bytes_ = {m: sum(w.nbytes for w, _, _ in _weights(x))  # as streamed (panels' padding too)
               for m, x in (("target", target), ("draft", draft))}
     result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "device": args.device,
               "dtype": args.dtype, "draft_quantize": args.draft_quantize, "weight_bytes": bytes_,

@@ -74,27 +74,28 @@ def _packed_matches(w: torch.Tensor, packed: torch.Tensor) -> bool:
 
 
 def attach_f16(layer: nn.Linear, free_fp32: bool = True) -> bool:
-    """Serve `layer` from an fp16 copy of its weight (`layer.weight_f16`) where that is exact
-    and the CPU kernel is available; `free_fp32` drops the fp32 weight (keep it when it is
+    """Serve `layer` from an fp16 copy of its weight (`layer.weight_f16`, in the kernel's
+    panels: `cpu_linear.pack_panels`) where that is exact and the CPU kernel is available; `free_fp32` drops the fp32 weight (keep it when it is
     shared, e.g. tied embeddings). Returns False (and changes nothing) otherwise."""
     w = layer.weight
     if not cpu_linear.fits(w) or not cpu_linear.available():
         return False
-    layer.weight_f16 = w.detach().half()  # [out, in]
+    layer.weight_f16 = cpu_linear.pack_panels(w.detach().half())  # [ceil(out / 64), in, 64]
     if free_fp32:
         layer.weight = nn.Parameter(w.data[:0].clone(), requires_grad=False)
     return True
 
 
 def attach_q8(layer: nn.Linear) -> bool:
-    """Serve `layer` from int8 rows and their scales (`layer.weight_q8`, `layer.weight_scale`;
-    `kernels.quantize`) where the CPU kernel is available; drops the fp32 weight. Lossy: for a
+    """Serve `layer` from int8 rows and their scales (`layer.weight_q8` in the kernel's panels,
+    `layer.weight_scale`; `kernels.quantize`) where the CPU kernel is available; drops the fp32 weight. Lossy: for a
     draft model only. Returns False (and changes nothing) otherwise."""
     w = layer.weight
     if (w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.numel()
-            or w.shape[1] % cpu_linear.K_MULTIPLE or not cpu_linear.available()):
+            or not cpu_linear.available()):
         return False
-    layer.weight_q8, layer.weight_scale = quantize_rows(w)  # [out, in] int8, [out] fp32
+    q, layer.weight_scale = quantize_rows(w)  # [out, in] int8, [out] fp32
+    layer.weight_q8 = cpu_linear.pack_panels(q)  # [ceil(out / 64), in, 64]
     layer.weight = nn.Parameter(w.data[:0].clone(), requires_grad=False)
     return True
 
@@ -108,7 +109,7 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
                                     getattr(layer, "stream_weights", False))
     weight_f16 = getattr(layer, "weight_f16", None)
     if weight_f16 is not None and x.dim() == 2 and x.dtype == torch.float32:
-        return cpu_linear.linear_f16(x, weight_f16, layer.bias,  # batch-invariant already
+        return cpu_linear.linear_f16(x, weight_f16, layer.out_features, layer.bias,  # invariant
                                      getattr(layer, "stream_weights", False))
     if getattr(layer, "row_wise", False):  # batch-invariant mode: one GEMV per row
         return project_rows(layer, x)

@@ -5,167 +5,125 @@
  * Decoding and verification multiply 1..17 rows by a large weight: the cost is one sweep over
  * the weight, so keeping it in fp16 halves the bytes streamed. Every fp16 value converts to fp32
  * exactly, so this is the fp32 product of the checkpoint's own weights; only the summation order
- * differs from sgemm. That order is fixed: each y[m, n] is one 16-lane accumulator over k in
- * ascending order, then one lane reduction, whatever M, the tile or the thread. So a row's result
- * never depends on the other rows: batch-invariant by construction.
+ * differs from sgemm.
  *
- * Tiles of NB weight rows x MB input rows keep NB * MB accumulators in registers (4 x 6 = 24 of
- * the 32 zmm); each converted weight vector feeds MB FMAs, each input vector NB.
- * Requires K % 16 == 0 (loads are unaligned). Built and loaded by kernels/cpu_linear.py.
+ * The weight is stored in panels (kernels/cpu_linear.py `pack_panels`): [ceil(N / 64), K, 64],
+ * panel p holding outputs 64p..64p+63 for every k, zero-padded past N. A panel is one contiguous
+ * stream (one sweep reads the weight front to back, which the hardware prefetchers follow at
+ * full speed: a row-major [N, K] weight read 4 rows at a time streamed ~25% slower), and the 16
+ * lanes of a vector are 16 outputs, so an accumulator is final when the k loop ends: no lane
+ * reduction (which cost ~10% at K = 768). Each y[m, n] is one fp32 lane accumulated over k in
+ * ascending order by FMA, whatever M, the tile or the thread: a row's result never depends on
+ * the other rows (batch-invariant by construction).
  *
- * `specmesh_linear_q8` is the same product from int8 weights with one fp32 scale per output
- * row (y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k]), kernels/quantize.py): half the
- * bytes again, for a draft model whose sweep is bound by how fast one core reads its weights.
- * The same tiles, order and batch invariance; only the weight load differs.
+ * Tiles of NB vectors (16 NB outputs) x MB input rows keep NB * MB accumulators in registers
+ * (4 x 7 = 28 of the 32 zmm); each converted weight vector feeds MB FMAs, each broadcast input
+ * NB. Rows past a pass's MB are further passes over the same panel (from L2): 9 rows as 7 + 2
+ * measured as fast as 6 + 3 and ~10% faster than 5 + 4. Built and loaded
+ * by kernels/cpu_linear.py.
  *
- * A tile's lane sums are reduced 16 accumulators at a time (reduce16) in the very order of
- * _mm512_reduce_add_ps: the same bits as reducing each alone (a lone row's tile still does,
- * and the batch-invariance test compares the two) in about half the instructions. */
+ * `specmesh_linear_q8` is the same product from int8 weights (same panels) with one fp32 scale
+ * per output (y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k]), kernels/quantize.py): half
+ * the bytes again, for a draft model whose sweep is bound by how fast one core reads its weights.
+ * The same tiles, order and batch invariance; only the weight load differs. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 
+#define PANEL 64 /* outputs per panel: NB vectors of 16 lanes */
 #define NB 4
-#define MB 6
+#define MB 7
+#define AHEAD 1024 /* bytes of the panel stream prefetched ahead when streaming */
 
-/* weight rows n..n+nb as fp32, 16 values from k: fp16 (q8 = 0) or int8 (q8 = 1) storage */
-static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t row, int K,
-                                                           int k, int q8) {
+/* 16 weights of panel row `at` (vector j) as fp32: fp16 (q8 = 0) or int8 (q8 = 1) storage */
+static inline __attribute__((always_inline)) __m512 load_w(const char *at, int j, int q8) {
   if (q8)
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-        _mm_loadu_si128((const __m128i *)((const int8_t *)w + row * K + k))));
-  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + row * K + k)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)at + j)));
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at + j));
 }
 
-/* _mm512_reduce_add_ps of 16 vectors at once, in its exact order of additions (per vector:
- * high 256 bits + low, then high 128 + low, then lanes {0,1} + {2,3}, then lane 0 + lane 1),
- * so each sum is bitwise the one-vector reduction's: out[i] = the sum of v[i]'s lanes. */
-static inline __attribute__((always_inline)) void reduce16(const __m512 *v, float *out) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; i++) /* [v lo256 + hi256 | w lo256 + hi256] */
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; i++) /* per vector: 128-bit block 0 + block 1 */
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; i++) /* lanes {0,1} + {2,3} within each block */
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  __m512 r = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88),
-                           _mm512_shuffle_ps(c[0], c[1], 0xDD));
-  static const int which[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-  float lanes[16]; /* lane k holds the sum of v[which[k]] */
-  _mm512_storeu_ps(lanes, r);
-  for (int k = 0; k < 16; k++) out[which[k]] = lanes[k];
-}
-
-static inline __attribute__((always_inline)) void tile(const void *w, const float *scale,
+/* y[m0..m0+mb, n..n+16nb] from panel `panel`; `valid` outputs of the panel exist (<= 64) */
+static inline __attribute__((always_inline)) void tile(const char *panel, const float *scale,
                                                        const float *x, float *y, int N, int K,
-                                                       int n, int nb, int m0, int mb, int nta,
-                                                       int q8) {
-  __m512 acc[NB][MB + 3]; /* 3 x 7..9 tiles too (`columns`) */
+                                                       int n, int valid, int nb, int m0,
+                                                       int mb, int nta, int q8) {
+  __m512 acc[NB][MB];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
-  /* the next tile's weight rows, fetched while this one computes (the first pass over a tile
-   * only): without it the loads wait on memory and a 9-row product runs ~30% slower */
-  const int ahead = m0 == 0 && n + 2 * nb <= N;
-  const int esize = q8 ? 1 : 2; /* bytes per weight */
-  const char *next = (const char *)w + (int64_t)(n + nb) * K * esize;
-  for (int k = 0; k < K; k += 16) {
-    __m512 wv[NB];
-    /* one line per 64 bytes: every k step for fp16 weights, every other one for int8 */
-    if (ahead && (!q8 || (k & 16) == 0)) {
-      for (int j = 0; j < nb; j++) {
-        const char *at = next + ((int64_t)j * K + k) * esize;
-        if (nta)
-          _mm_prefetch(at, _MM_HINT_NTA);
-        else
-          _mm_prefetch(at, _MM_HINT_T0);
-      }
+  const int row = q8 ? PANEL : 2 * PANEL; /* bytes per k in a panel */
+  const int ahead = nta && m0 == 0;       /* the first pass reads it from memory */
+  const float *xr = x + (int64_t)m0 * K;
+  for (int k = 0; k < K; k++) {
+    const char *at = panel + (int64_t)k * row;
+    if (ahead) {
+      _mm_prefetch(at + AHEAD, _MM_HINT_NTA);
+      if (!q8) _mm_prefetch(at + AHEAD + 64, _MM_HINT_NTA);
     }
-    for (int j = 0; j < nb; j++) wv[j] = load_w(w, n + j, K, k, q8);
+    __m512 wv[NB];
+    for (int j = 0; j < nb; j++) wv[j] = load_w(at, j, q8);
     for (int i = 0; i < mb; i++) {
-      __m512 xv = _mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k);
+      __m512 xv = _mm512_set1_ps(xr[(int64_t)i * K + k]);
       for (int j = 0; j < nb; j++) acc[j][i] = _mm512_fmadd_ps(wv[j], xv, acc[j][i]);
     }
   }
-  /* the nb * mb lane sums: past 8 of them 16 at a time (reduce16, the same bits), else one
-   * by one (a lone row's 4 would pad 12) */
-  __m512 all[32];
-  float sums[32];
-  int count = 0;
-  for (int j = 0; j < nb; j++)
-    for (int i = 0; i < mb; i++) all[count++] = acc[j][i];
-  if (count > 8) {
-    for (int c = count; c < (count + 15) / 16 * 16; c++) all[c] = _mm512_setzero_ps();
-    for (int c = 0; c < count; c += 16) reduce16(all + c, sums + c);
-  } else {
-    for (int c = 0; c < count; c++) sums[c] = _mm512_reduce_add_ps(all[c]);
-  }
-  count = 0;
-  for (int j = 0; j < nb; j++)
+  for (int j = 0; j < nb; j++) {
+    int left = valid - 16 * j;
+    __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 s = q8 ? _mm512_maskz_loadu_ps(keep, scale + n + 16 * j) : _mm512_setzero_ps();
     for (int i = 0; i < mb; i++) {
-      float sum = sums[count++];
-      y[(int64_t)(m0 + i) * N + n + j] = q8 ? sum * scale[n + j] : sum;
+      __m512 v = q8 ? _mm512_mul_ps(acc[j][i], s) : acc[j][i];
+      _mm512_mask_storeu_ps(y + (int64_t)(m0 + i) * N + n + 16 * j, keep, v);
     }
+  }
 }
 
-/* mb and q8 are compile-time constants in each call, so the accumulators stay in registers */
-#define TILE(nb)                                                           \
-  switch (mb) {                                                            \
-    case 1: tile(w, scale, x, y, N, K, n, nb, m0, 1, nta, q8); break;      \
-    case 2: tile(w, scale, x, y, N, K, n, nb, m0, 2, nta, q8); break;      \
-    case 3: tile(w, scale, x, y, N, K, n, nb, m0, 3, nta, q8); break;      \
-    case 4: tile(w, scale, x, y, N, K, n, nb, m0, 4, nta, q8); break;      \
-    case 5: tile(w, scale, x, y, N, K, n, nb, m0, 5, nta, q8); break;      \
-    default: tile(w, scale, x, y, N, K, n, nb, m0, MB, nta, q8); break;    \
+/* mb, nb and q8 are compile-time constants in each call, so the accumulators stay in registers */
+#define ROWS(nb)                                                                  \
+  switch (mb) {                                                                   \
+    case 1: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 1, nta, q8); break;  \
+    case 2: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 2, nta, q8); break;  \
+    case 3: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 3, nta, q8); break;  \
+    case 4: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 4, nta, q8); break;  \
+    case 5: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 5, nta, q8); break;  \
+    case 6: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 6, nta, q8); break;  \
+    default: tile(panel, scale, x, y, N, K, n, valid, nb, m0, MB, nta, q8); break; \
   }
 
-/* nb weight rows x all M (7..9) input rows in one tile */
-#define THIN(nb)                                                           \
-  switch (M) {                                                             \
-    case 7: tile(w, scale, x, y, N, K, n, nb, 0, 7, nta, q8); break;       \
-    case 8: tile(w, scale, x, y, N, K, n, nb, 0, 8, nta, q8); break;       \
-    default: tile(w, scale, x, y, N, K, n, nb, 0, 9, nta, q8); break;      \
-  }
-
-static inline __attribute__((always_inline)) void columns(const void *w, const float *scale,
-                                                          const float *x, float *y, int M,
-                                                          int N, int K, int n0, int n1,
-                                                          int nta, int q8) {
-  /* weight tiles outer (each read from memory once), input rows inner (they stay in cache) */
-  int n = n0;
-  if (M >= 7 && M <= 9) { /* one pass of 3 x M tiles (21-27 accumulators), not 4 x 6 tiles and
-                            a 1-3 row tail converting every weight vector again for 4-12 FMAs */
-    for (; n + 3 <= n1; n += 3) THIN(3)
-    for (; n < n1; n++) THIN(1)
-    return;
-  }
-  for (; n + NB <= n1; n += NB)
-    for (int m0 = 0; m0 < M; m0 += MB) {
+/* Rows in passes of MB, the last one the rest */
+static inline __attribute__((always_inline)) void panels(const void *w, const float *scale,
+                                                         const float *x, float *y, int M, int N,
+                                                         int K, int p0, int p1, int nta,
+                                                         int q8) {
+  const int64_t stride = (int64_t)K * PANEL * (q8 ? 1 : 2); /* bytes per panel */
+  for (int p = p0; p < p1; p++) {
+    const char *panel = (const char *)w + p * stride;
+    int n = p * PANEL, valid = N - n < PANEL ? N - n : PANEL, vectors = (valid + 15) / 16;
+    for (int m0 = 0; m0 < M;) {
       int mb = M - m0 < MB ? M - m0 : MB;
-      TILE(NB)
+      switch (vectors) {
+        case 1: ROWS(1) break;
+        case 2: ROWS(2) break;
+        case 3: ROWS(3) break;
+        default: ROWS(NB) break;
+      }
+      m0 += mb;
     }
-  for (; n < n1; n++)
-    for (int m0 = 0; m0 < M; m0 += MB) {
-      int mb = M - m0 < MB ? M - m0 : MB;
-      TILE(1)
-    }
+  }
 }
 
-static void columns_f16(const void *w, const float *x, float *y, int M, int N, int K, int n0,
-                        int n1, int nta) {
-  columns(w, 0, x, y, M, N, K, n0, n1, nta, 0);
+static void panels_f16(const void *w, const float *x, float *y, int M, int N, int K, int p0,
+                       int p1, int nta) {
+  panels(w, 0, x, y, M, N, K, p0, p1, nta, 0);
 }
 
-static void columns_q8(const void *w, const float *scale, const float *x, float *y, int M,
-                       int N, int K, int n0, int n1, int nta) {
-  columns(w, scale, x, y, M, N, K, n0, n1, nta, 1);
+static void panels_q8(const void *w, const float *scale, const float *x, float *y, int M, int N,
+                      int K, int p0, int p1, int nta) {
+  panels(w, scale, x, y, M, N, K, p0, p1, nta, 1);
 }
 
-/* Output columns are split evenly (in multiples of NB) across `threads` OpenMP threads.
+/* Panels are split evenly across `threads` OpenMP threads.
  * `stream`: the weight is read once per forward and is part of a model far bigger than the
- * last-level cache, so its tiles are prefetched non-temporally (PREFETCHNTA): streaming it
+ * last-level cache, so its panels are prefetched non-temporally (PREFETCHNTA): streaming it
  * does not evict what other work keeps in L2/L3 (on a shared 2-core box: the draft model's
  * weights, the services' and client's own state), at no cost to this product. */
 void specmesh_linear_f16(const uint16_t *w, const float *x, float *y, int M, int N, int K,
@@ -173,20 +131,20 @@ void specmesh_linear_f16(const uint16_t *w, const float *x, float *y, int M, int
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int per = ((N + nt - 1) / nt + NB - 1) / NB * NB;
-    int n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) columns_f16(w, x, y, M, N, K, n0, n1, stream);
+    int count = (N + PANEL - 1) / PANEL, per = (count + nt - 1) / nt;
+    int p0 = t * per, p1 = p0 + per < count ? p0 + per : count;
+    if (p0 < p1) panels_f16(w, x, y, M, N, K, p0, p1, stream);
   }
 }
 
-/* The same from int8 weights q [N, K] and their row scales [N]. */
+/* The same from int8 panels q [ceil(N / 64), K, 64] and their output scales [N]. */
 void specmesh_linear_q8(const int8_t *w, const float *scale, const float *x, float *y, int M,
                         int N, int K, int threads, int stream) {
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int per = ((N + nt - 1) / nt + NB - 1) / NB * NB;
-    int n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) columns_q8(w, scale, x, y, M, N, K, n0, n1, stream);
+    int count = (N + PANEL - 1) / PANEL, per = (count + nt - 1) / nt;
+    int p0 = t * per, p1 = p0 + per < count ? p0 + per : count;
+    if (p0 < p1) panels_q8(w, scale, x, y, M, N, K, p0, p1, stream);
   }
 }

@@ -36,28 +36,51 @@ needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="fp16 CPU k
 def test_exact_small_integers():
     w = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16) % 5 - 2  # [N=3, K=16]
     x = torch.stack([torch.ones(16), torch.arange(16.0)])  # [M=2, K=16]
-    got = cpu_linear.linear_f16(x, w.half(), bias=torch.tensor([0.5, 0.0, -1.0]))
+    got = cpu_linear.linear_f16(x, cpu_linear.pack_panels(w.half()), 3,
+                                bias=torch.tensor([0.5, 0.0, -1.0]))
     assert torch.equal(got, x @ w.t() + torch.tensor([0.5, 0.0, -1.0]))
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 8, 9, 10, 17, 40])
-def test_matches_f_linear_and_is_batch_invariant(rows):
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 8, 9, 10, 14, 15, 17, 40])
+@pytest.mark.parametrize("shape", [(37, 96), (200, 90), (128, 16)])
+def test_matches_f_linear_and_is_batch_invariant(rows, shape):
+    """Panel tails of 3 vectors (37 outputs) and 1 (200 = 3 x 64 + 8), any width; rows in
+    passes of 7 and a rest."""
     gen = torch.Generator().manual_seed(rows)
-    w = (torch.randn(37, 96, generator=gen) * 0.1).half()  # [N, K]: column tail, 6 k steps
-    x = torch.randn(rows, 96, generator=gen)  # [M, K]
-    got = cpu_linear.linear_f16(x, w)
-    assert got.shape == (rows, 37)
+    w = (torch.randn(*shape, generator=gen) * 0.1).half()  # [N, K]
+    x = torch.randn(rows, shape[1], generator=gen)  # [M, K]
+    panels = cpu_linear.pack_panels(w)
+    got = cpu_linear.linear_f16(x, panels, shape[0])
+    assert got.shape == (rows, shape[0])
     torch.testing.assert_close(got, F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
     for m in range(rows):
-        assert torch.equal(cpu_linear.linear_f16(x[m:m + 1], w), got[m:m + 1])
+        assert torch.equal(cpu_linear.linear_f16(x[m:m + 1], panels, shape[0]), got[m:m + 1])
+
+
+def test_panels_lay_64_outputs_side_by_side_for_every_k():
+    w = torch.arange(70 * 3, dtype=torch.float32).reshape(70, 3)  # [N=70, K=3]
+    panels = cpu_linear.pack_panels(w)  # [2, 3, 64]
+    assert panels.shape == (2, 3, 64)
+    assert torch.equal(panels[0, 1], w[:64, 1]) and torch.equal(panels[1, 2, :6], w[64:, 2])
+    assert not panels[1, :, 6:].any()  # zeros past N
+    assert torch.equal(cpu_linear.unpack_panels(panels, 70), w)
+
+
+@needs_kernel
+def test_panels_of_another_shape_are_refused():
+    w = cpu_linear.pack_panels(torch.randn(70, 32).half())
+    with pytest.raises(ValueError, match="panels"):
+        cpu_linear.linear_f16(torch.randn(2, 32), w, 130)  # 3 panels' worth of outputs
+    with pytest.raises(ValueError, match="panels"):
+        cpu_linear.linear_f16(torch.randn(2, 48), w, 70)  # another width
 
 
 def test_fits_only_exact_fp16_values():
     w = torch.randn(8, 32)
     assert not cpu_linear.fits(w)  # fp32 values
     assert cpu_linear.fits(w.half().float())
-    assert not cpu_linear.fits(w.half().float()[:, :24])  # width not a multiple of 16
+    assert cpu_linear.fits(w.half().float()[:, :24])  # any width
     assert not cpu_linear.fits(w.half())  # already fp16: not an fp32 serving weight
 
 

@@ -36,20 +36,23 @@ def test_the_error_is_at_most_half_a_step():
 def test_exact_small_integers_with_unit_scales():
     q = (torch.arange(3 * 32).reshape(3, 32) % 7 - 3).to(torch.int8)  # [N=3, K=32]
     x = torch.stack([torch.ones(32), torch.arange(32.0)])  # [M=2, K=32]
-    got = cpu_linear.linear_q8(x, q, torch.ones(3), bias=torch.tensor([0.5, 0.0, -1.0]))
+    got = cpu_linear.linear_q8(x, cpu_linear.pack_panels(q), torch.ones(3),
+                               bias=torch.tensor([0.5, 0.0, -1.0]))
     assert torch.equal(got, x @ q.float().t() + torch.tensor([0.5, 0.0, -1.0]))
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 9, 13, 17])
-def test_equals_f_linear_of_the_dequantized_weight_and_is_batch_invariant(rows):
+@pytest.mark.parametrize("shape", [(37, 80), (200, 90)])
+def test_equals_f_linear_of_the_dequantized_weight_and_is_batch_invariant(rows, shape):
     gen = torch.Generator().manual_seed(rows)
-    q, scale = quantize_rows(torch.randn(37, 80, generator=gen))  # a column tail, 5 k steps
-    x = torch.randn(rows, 80, generator=gen)  # [M, K]
-    got = cpu_linear.linear_q8(x, q, scale)
+    q, scale = quantize_rows(torch.randn(*shape, generator=gen))  # panel tails of 3 and 1
+    x = torch.randn(rows, shape[1], generator=gen)  # [M, K]
+    panels = cpu_linear.pack_panels(q)
+    got = cpu_linear.linear_q8(x, panels, scale)
     assert torch.allclose(got, F.linear(x, dequantize_rows(q, scale)), rtol=1e-5, atol=1e-5)
     for m in range(rows):  # each row alone: bitwise what it was in the batch
-        assert torch.equal(cpu_linear.linear_q8(x[m:m + 1], q, scale), got[m:m + 1])
+        assert torch.equal(cpu_linear.linear_q8(x[m:m + 1], panels, scale), got[m:m + 1])
 
 
 @needs_kernel
@@ -57,11 +60,10 @@ def test_attached_layer_projects_with_its_int8_rows():
     layer = nn.Linear(32, 20, bias=True)
     want_w = dequantize_rows(*quantize_rows(layer.weight.detach()))
     assert attach_q8(layer)
-    assert layer.weight.numel() == 0 and layer.weight_q8.shape == (20, 32)
+    assert layer.weight.numel() == 0 and layer.weight_q8.shape == (1, 32, 64)  # one panel
     x = torch.randn(3, 32)
     assert torch.allclose(project(layer, x), F.linear(x, want_w, layer.bias.detach()),
                           rtol=1e-5, atol=1e-5)
-    assert not attach_q8(nn.Linear(20, 8))  # K not a multiple of 16: stays as it is
 
 
 @needs_kernel

@@ -85,9 +85,10 @@ def test_streaming_changes_no_result(monkeypatch):
     if not cpu_linear.available():
         pytest.skip("CPU kernels unavailable")
     gen = torch.Generator().manual_seed(3)
-    w = torch.randn(200, 96, generator=gen).half()  # [N, K]: 50 tiles of 4 rows
-    x = torch.randn(9, 96, generator=gen)  # [M, K]: two row blocks
-    assert torch.equal(cpu_linear.linear_f16(x, w, stream=True), cpu_linear.linear_f16(x, w))
+    w = cpu_linear.pack_panels(torch.randn(200, 96, generator=gen).half())  # 4 panels
+    x = torch.randn(9, 96, generator=gen)  # [M, K]: two passes
+    assert torch.equal(cpu_linear.linear_f16(x, w, 200, stream=True),
+                       cpu_linear.linear_f16(x, w, 200))
     monkeypatch.setenv("SPECMESH_STREAM_MB", "0")
     on = _model("1", monkeypatch)
     monkeypatch.setenv("SPECMESH_STREAM_MB", "1000000")
