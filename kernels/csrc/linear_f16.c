@@ -33,6 +33,7 @@
 #define PANEL 64 /* outputs per panel: NB vectors of 16 lanes */
 #define NB 4
 #define MB 7
+#define WIDE 8 /* vectors of a 1-2 row tile: two adjacent panels at once */
 #define AHEAD 1024 /* bytes of the panel stream prefetched ahead when streaming */
 
 /* 16 weights of panel row `at` (vector j) as fp32: fp16 (q8 = 0) or int8 (q8 = 1) storage */
@@ -42,12 +43,13 @@ static inline __attribute__((always_inline)) __m512 load_w(const char *at, int j
   return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at + j));
 }
 
-/* y[m0..m0+mb, n..n+16nb] from panel `panel`; `valid` outputs of the panel exist (<= 64) */
-static inline __attribute__((always_inline)) void tile(const char *panel, const float *scale,
-                                                       const float *x, float *y, int N, int K,
-                                                       int n, int valid, int nb, int m0,
-                                                       int mb, int nta, int q8) {
-  __m512 acc[NB][MB];
+/* y[m0..m0+mb, n..n+16nb] from panel `panel` (vectors 4..7, when nb > 4: from the next panel,
+ * `next` bytes on); `valid` outputs exist (<= 16 nb) */
+static inline __attribute__((always_inline)) void tile(const char *panel, int64_t next,
+                                                       const float *scale, const float *x,
+                                                       float *y, int N, int K, int n, int valid,
+                                                       int nb, int m0, int mb, int nta, int q8) {
+  __m512 acc[WIDE][MB];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
   const int row = q8 ? PANEL : 2 * PANEL; /* bytes per k in a panel */
@@ -55,12 +57,13 @@ static inline __attribute__((always_inline)) void tile(const char *panel, const 
   const float *xr = x + (int64_t)m0 * K;
   for (int k = 0; k < K; k++) {
     const char *at = panel + (int64_t)k * row;
-    if (ahead) {
-      _mm_prefetch(at + AHEAD, _MM_HINT_NTA);
-      if (!q8) _mm_prefetch(at + AHEAD + 64, _MM_HINT_NTA);
-    }
-    __m512 wv[NB];
-    for (int j = 0; j < nb; j++) wv[j] = load_w(at, j, q8);
+    if (ahead)
+      for (int half = 0; half < (nb > NB ? 2 : 1); half++) {
+        _mm_prefetch(at + half * next + AHEAD, _MM_HINT_NTA);
+        if (!q8) _mm_prefetch(at + half * next + AHEAD + 64, _MM_HINT_NTA);
+      }
+    __m512 wv[WIDE];
+    for (int j = 0; j < nb; j++) wv[j] = load_w(at + (j < NB ? 0 : next), j % NB, q8);
     for (int i = 0; i < mb; i++) {
       __m512 xv = _mm512_set1_ps(xr[(int64_t)i * K + k]);
       for (int j = 0; j < nb; j++) acc[j][i] = _mm512_fmadd_ps(wv[j], xv, acc[j][i]);
@@ -78,18 +81,22 @@ static inline __attribute__((always_inline)) void tile(const char *panel, const 
 }
 
 /* mb, nb and q8 are compile-time constants in each call, so the accumulators stay in registers */
-#define ROWS(nb)                                                                  \
-  switch (mb) {                                                                   \
-    case 1: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 1, nta, q8); break;  \
-    case 2: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 2, nta, q8); break;  \
-    case 3: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 3, nta, q8); break;  \
-    case 4: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 4, nta, q8); break;  \
-    case 5: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 5, nta, q8); break;  \
-    case 6: tile(panel, scale, x, y, N, K, n, valid, nb, m0, 6, nta, q8); break;  \
-    default: tile(panel, scale, x, y, N, K, n, valid, nb, m0, MB, nta, q8); break; \
+#define TILE(nb, mb) tile(panel, stride, scale, x, y, N, K, n, valid, nb, m0, mb, nta, q8)
+#define ROWS(nb)                       \
+  switch (mb) {                        \
+    case 1: TILE(nb, 1); break;        \
+    case 2: TILE(nb, 2); break;        \
+    case 3: TILE(nb, 3); break;        \
+    case 4: TILE(nb, 4); break;        \
+    case 5: TILE(nb, 5); break;        \
+    case 6: TILE(nb, 6); break;        \
+    default: TILE(nb, MB); break;      \
   }
 
-/* Rows in passes of MB, the last one the rest */
+/* Rows in passes of MB, the last one the rest. One or two rows take two full panels at a time
+ * (8 vectors): a 1-row tile of 4 vectors is 4 FMA chains, bound by the FMA's latency, not by the
+ * weights, wherever they sit in cache (a draft model); 8 chains run twice as fast. Each output
+ * keeps its one chain, so the bits do not change. */
 static inline __attribute__((always_inline)) void panels(const void *w, const float *scale,
                                                          const float *x, float *y, int M, int N,
                                                          int K, int p0, int p1, int nta,
@@ -98,6 +105,16 @@ static inline __attribute__((always_inline)) void panels(const void *w, const fl
   for (int p = p0; p < p1; p++) {
     const char *panel = (const char *)w + p * stride;
     int n = p * PANEL, valid = N - n < PANEL ? N - n : PANEL, vectors = (valid + 15) / 16;
+    if (M <= 2 && p + 1 < p1 && N - n >= 2 * PANEL) {
+      const int m0 = 0;
+      valid = 2 * PANEL;
+      if (M == 1)
+        TILE(WIDE, 1);
+      else
+        TILE(WIDE, 2);
+      p++;
+      continue;
+    }
     for (int m0 = 0; m0 < M;) {
       int mb = M - m0 < MB ? M - m0 : MB;
       switch (vectors) {
