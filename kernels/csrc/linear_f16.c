@@ -18,7 +18,7 @@
  *
  * Tiles of NB vectors (16 NB outputs) x MB input rows keep NB * MB accumulators in registers
  * (4 x 7 = 28 of the 32 zmm); each converted weight vector feeds MB FMAs, each broadcast input
- * NB. Rows past a pass's MB are further passes over the same panel (from L2): 9 rows as 7 + 2
+ * NB. Rows past a pass are further passes over the same panel (from L2): 9 rows as 7 + 2
  * measured as fast as 6 + 3 and ~10% faster than 5 + 4. Built and loaded
  * by kernels/cpu_linear.py.
  *
@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void tile(const char *panel, int64_
                                                        const float *scale, const float *x,
                                                        float *y, int N, int K, int n, int valid,
                                                        int nb, int m0, int mb, int nta, int q8) {
-  __m512 acc[WIDE][MB];
+  __m512 acc[WIDE][MB + 1];
   for (int j = 0; j < nb; j++)
     for (int i = 0; i < mb; i++) acc[j][i] = _mm512_setzero_ps();
   const int row = q8 ? PANEL : 2 * PANEL; /* bytes per k in a panel */
@@ -90,13 +90,16 @@ static inline __attribute__((always_inline)) void tile(const char *panel, int64_
     case 4: TILE(nb, 4); break;        \
     case 5: TILE(nb, 5); break;        \
     case 6: TILE(nb, 6); break;        \
-    default: TILE(nb, MB); break;      \
+    case 7: TILE(nb, 7); break;        \
+    default: TILE(nb, MB + 1); break;  \
   }
 
-/* Rows in passes of MB, the last one the rest. One or two rows take two full panels at a time
- * (8 vectors): a 1-row tile of 4 vectors is 4 FMA chains, bound by the FMA's latency, not by the
- * weights, wherever they sit in cache (a draft model); 8 chains run twice as fast. Each output
- * keeps its one chain, so the bits do not change. */
+/* Rows in passes of MB, the last one the rest; a multiple of MB + 1 rows in passes of MB + 1
+ * (32 accumulators, a few spill: still 8 rows 9-15% faster than 7 + 1, 16 rows ~5% faster than
+ * 7 + 7 + 2; 9 rows as 9, 8 + 1 or 7 + 2 alike; 10 as 8 + 2 3% slower than 7 + 3).
+ * One or two rows take two full panels at a time (8 vectors): a 1-row tile of 4 vectors is 4
+ * FMA chains, bound by the FMA's latency wherever the weights sit in cache (a draft model);
+ * 8 chains run faster. Each output keeps its one chain, so the bits do not change. */
 static inline __attribute__((always_inline)) void panels(const void *w, const float *scale,
                                                          const float *x, float *y, int M, int N,
                                                          int K, int p0, int p1, int nta,
@@ -115,8 +118,9 @@ static inline __attribute__((always_inline)) void panels(const void *w, const fl
       p++;
       continue;
     }
+    const int most = M % (MB + 1) ? MB : MB + 1; /* 8, 16, 24 rows: passes of 8 */
     for (int m0 = 0; m0 < M;) {
-      int mb = M - m0 < MB ? M - m0 : MB;
+      int mb = M - m0 < most ? M - m0 : most;
       switch (vectors) {
         case 1: ROWS(1) break;
         case 2: ROWS(2) break;

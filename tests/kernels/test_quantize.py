@@ -42,7 +42,7 @@ def test_exact_small_integers_with_unit_scales():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 9, 13, 17])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 9, 13, 16, 17])
 @pytest.mark.parametrize("shape", [(37, 80), (200, 90)])
 def test_equals_f_linear_of_the_dequantized_weight_and_is_batch_invariant(rows, shape):
     gen = torch.Generator().manual_seed(rows)
