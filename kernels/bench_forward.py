@@ -9,7 +9,9 @@ as the draft service serves them on a CPU (`--draft-quantize none`: fp16). Each 
 bound measured on this machine in the same run: one sweep over the model's projection weights,
 as served (fp16 through `kernels.cpu_linear` where the checkpoint is fp16, else fp32 `F.linear`;
 on a GPU `F.linear` in the serving dtype, replayed as one CUDA graph), with one row, i.e. weight bytes / sweep time. Modes are interleaved and the
-minimum and median of `--repeats` are reported (the machine may be shared).
+minimum and median of `--repeats` are reported (the machine may be shared). Each forward also
+shows its projections' arithmetic rate (2 x multiply-adds / its time): where that nears the
+cores' FMA peak, extra rows cost their FLOPs, not another sweep.
 
 On a GPU (`--device cuda --dtype bfloat16`) every case is timed to a `torch.cuda.synchronize()`
 and the sweep is one `F.linear` per weight; the forwards run as the services run them (CUDA
@@ -136,10 +138,16 @@ def run(args: argparse.Namespace) -> dict:
     stats = {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
     bytes_ = {m: sum(w.nbytes for w, _, _ in _weights(x))  # as streamed (panels' padding too)
               for m, x in (("target", target), ("draft", draft))}
+    params = {m: sum(n * w.shape[1] for w, n, _ in _weights(x))  # multiply-adds per row
+              for m, x in (("target", target), ("draft", draft))}
     result = {"threads": torch.get_num_threads(), "prefix": PREFIX, "device": args.device,
               "dtype": args.dtype, "draft_quantize": args.draft_quantize, "weight_bytes": bytes_,
-              "times": stats, "ratios": {}}
+              "projection_params": params, "times": stats, "ratios": {}, "gflop_s": {}}
     base = stats["target rows=1"]["median_ms"]
+    for name, t in stats.items():  # the projections' arithmetic rate (where rows = compute)
+        if "rows=" in name:
+            rows, model = int(name.split("rows=")[1]), name.split()[0]
+            result["gflop_s"][name] = 2 * params[model] * rows / t["median_ms"] / 1e6
     for r in args.rows:
         result["ratios"][f"target rows={r} / rows=1"] = stats[f"target rows={r}"]["median_ms"] / base
     for m in ("target", "draft"):
@@ -153,17 +161,22 @@ def format_table(res: dict) -> str:
     lines = [f"engine bench: {res['device']} {res['dtype']} (draft projections "
              f"{res.get('draft_quantize', 'none')}), {res['threads']} threads, "
              f"{res['prefix']}-token prefix",
-             f"{'case':<22}{'min ms':>9}{'median ms':>11}{'x sweep':>9}{'x rows=1':>10}"]
+             f"{'case':<22}{'min ms':>9}{'median ms':>11}{'x sweep':>9}{'x rows=1':>10}"
+             f"{'GFLOP/s':>9}"]
     for name, s in res["times"].items():
         model = name.split()[0]
         sweep = res["times"][f"{model} sweep"]["median_ms"]
         one = res["times"].get(f"{model} rows=1", {}).get("median_ms")
         rel = f"{s['median_ms'] / one:>10.2f}" if one and "rows=" in name else f"{'':>10}"
+        rate = res.get("gflop_s", {}).get(name)
         lines.append(f"{name:<22}{s['min_ms']:>9.2f}{s['median_ms']:>11.2f}"
-                     f"{s['median_ms'] / sweep:>9.2f}{rel}")
+                     f"{s['median_ms'] / sweep:>9.2f}{rel}"
+                     + (f"{rate:>9.1f}" if rate is not None else ""))
     for m in ("target", "draft"):
         lines.append(f"{m}: {res['weight_bytes'][m] / 1e6:.0f} MB of weights, "
                      f"one sweep streams {res[f'{m}_stream_gb_s']:.1f} GB/s")
+    lines.append("GFLOP/s: the projections' multiply-adds x 2 / the whole forward's time (where "
+                 "it nears the cores' FMA peak, rows cost their arithmetic, not the sweep)")
     return "\n".join(lines)
 
 
