@@ -77,7 +77,7 @@ class ChainRunner:
 
     def __init__(self, model, fused: cpu_layer.FusedLayers):
         self.model, self.fused = model, fused
-        self.layer_array = (cpu_layer._Weights * len(fused._weights))(*fused._weights)
+        self.layer_array = fused.array  # the fused layers' own C array
         self._fn = _library().specmesh_chain_f16
 
     @classmethod

@@ -69,6 +69,10 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.specmesh_layer_f16
     fn.argtypes = [_P, ctypes.POINTER(_Weights), ctypes.POINTER(_Forward), _P, _P]
     fn.restype = ctypes.c_int
+    many = lib.specmesh_layers_f16
+    many.argtypes = [_P, ctypes.POINTER(_Weights), ctypes.c_int, ctypes.c_int,
+                     ctypes.POINTER(_Forward), _P, _P, ctypes.c_int64]
+    many.restype = ctypes.c_int
     return lib
 
 
@@ -105,7 +109,8 @@ class FusedLayers:
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps, self.scale = cfg.rms_norm_eps, model.model.layers[0].self_attn.scale
         self._weights, self._keep = weights, keep
-        self._fn = _library().specmesh_layer_f16
+        self.array = (_Weights * len(weights))(*weights)  # every layer, for one C call
+        self._fn = _library().specmesh_layers_f16
 
     @classmethod
     def build(cls, model) -> "FusedLayers | None":
@@ -132,13 +137,12 @@ class FusedLayers:
         """x [T, hidden] through the layers (all by default); returns the new x."""
         x = x.contiguous().clone()  # updated in place by the kernel
         fwd, keep = self._forward(x.shape[0], cos, sin, meta, k_pool)
-        layer_floats = k_pool[0].numel()
-        for i in layers if layers is not None else range(len(self._weights)):
-            rc = self._fn(x.data_ptr(), ctypes.byref(self._weights[i]), ctypes.byref(fwd),
-                          k_pool.data_ptr() + 4 * i * layer_floats,
-                          v_pool.data_ptr() + 4 * i * layer_floats)
-            if rc != 0:
-                raise MemoryError("tree-attention scratch allocation failed")
+        layers = layers if layers is not None else range(len(self._weights))
+        assert layers.step == 1 and 0 <= layers.start and layers.stop <= len(self._weights)
+        rc = self._fn(x.data_ptr(), self.array, layers.start, len(layers), ctypes.byref(fwd),
+                      k_pool.data_ptr(), v_pool.data_ptr(), k_pool[0].numel())
+        if rc != 0:
+            raise MemoryError("tree-attention scratch allocation failed")
         del keep  # the metadata and scratch the kernel read, alive until here
         return x
 

@@ -113,3 +113,15 @@ int specmesh_layer_f16(float *x, const LayerWeights *w, const Forward *f, float 
   residual(x, f->h, (int64_t)T * hidden);
   return 0;
 }
+
+/* Layers first..first+count-1 of an array of them in one call (one ctypes round trip a
+ * forward instead of one a layer); each layer's caches start layer_floats floats further on.
+ * Returns 0, or -1 as specmesh_layer_f16. */
+int specmesh_layers_f16(float *x, const LayerWeights *w, int first, int count, const Forward *f,
+                        float *k_pool, float *v_pool, int64_t layer_floats) {
+  for (int l = first; l < first + count; l++)
+    if (specmesh_layer_f16(x, w + l, f, k_pool + l * layer_floats, v_pool + l * layer_floats))
+      return -1;
+  return 0;
+}
+
