@@ -61,7 +61,7 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
             yield await self.VerifyBatch(request, context)
 
     def _response(self, result: VerifyResult, num_tree: int) -> verify_pb2.VerifyResponse:
-        if self.metrics is not None:
+        if self.metrics is not None and num_tree:  # a speculation round (not a plain step)
             self.metrics.observe_round(num_tree, result.num_accepted_draft_tokens)
         return verify_pb2.VerifyResponse(
             tokens=result.tokens,

@@ -31,8 +31,11 @@ async def test_verify_metrics_are_scraped(models):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = verify_pb2_grpc.VerifyServiceStub(ch)
             header = common_pb2.SequenceHeader(sequence_id="m", new_tokens=[1, 403, 407])
-            await stub.Verify(verify_pb2.VerifyRequest(header=header, tree=common_pb2.TokenTree(
-                tokens=[261, 378], parents=[-1, 0])))
+            tree = common_pb2.TokenTree(tokens=[261, 378], parents=[-1, 0])
+            reply = await stub.Verify(verify_pb2.VerifyRequest(header=header, tree=tree))
+            step = common_pb2.SequenceHeader(sequence_id="m", new_tokens=reply.tokens[-1:],
+                                             num_cached_tokens=reply.num_cached_tokens)
+            await stub.Verify(verify_pb2.VerifyRequest(header=step))  # a plain step: no round
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Verify(verify_pb2.VerifyRequest(header=common_pb2.SequenceHeader(
                     sequence_id="x", num_cached_tokens=4)))
@@ -41,8 +44,9 @@ async def test_verify_metrics_are_scraped(models):
     finally:
         await server.stop(0.5)
         await servicer.close()
-    assert 'specmesh_batch_size_count{service="verify"} 2.0' in text  # one ok, one NOT_FOUND
+    assert 'specmesh_batch_size_count{service="verify"} 3.0' in text  # two ok, one NOT_FOUND
     assert 'specmesh_draft_tokens_total{service="verify"} 2.0' in text
     assert 'specmesh_accepted_tokens_total{service="verify"} 2.0' in text
+    assert 'specmesh_accepted_per_round_count{service="verify"} 1.0' in text  # speculation only
     assert 'specmesh_kv_blocks_used{service="verify"}' in text
     assert 'code="NOT_FOUND"' in text and 'method="VerifyService/Verify"' in text
