@@ -33,11 +33,15 @@ log = logging.getLogger(__name__)
 PANEL = 64  # outputs per panel (csrc/linear_f16.c)
 
 
+def num_panels(out_features: int) -> int:
+    return -(-out_features // PANEL)
+
+
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """w [N, K] -> [ceil(N / 64), K, 64]: panel p holds outputs 64p..64p+63 for every k,
     zeros past N; the layout `linear_f16` / `linear_q8` read."""
     n, k = w.shape
-    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=w.dtype)  # [N_pad, K]
+    padded = torch.zeros(num_panels(n) * PANEL, k, dtype=w.dtype)  # [N_pad, K]
     padded[:n] = w
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()  # [P, K, 64]
 
@@ -90,7 +94,7 @@ def _self_check_q8(fn) -> bool:
 
 def _check_panels(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> None:
     if (panels.dim() != 3 or panels.shape[2] != PANEL or not panels.is_contiguous()
-            or panels.shape[1] != x.shape[1] or panels.shape[0] != -(-out_features // PANEL)):
+            or panels.shape[1] != x.shape[1] or panels.shape[0] != num_panels(out_features)):
         raise ValueError(f"panels: {tuple(panels.shape)} is not pack_panels of an "
                          f"[{out_features}, {x.shape[1]}] weight")
 

@@ -12,9 +12,9 @@
  * stream (one sweep reads the weight front to back, which the hardware prefetchers follow at
  * full speed: a row-major [N, K] weight read 4 rows at a time streamed ~25% slower), and the 16
  * lanes of a vector are 16 outputs, so an accumulator is final when the k loop ends: no lane
- * reduction (which cost ~10% at K = 768). Each y[m, n] is one fp32 lane accumulated over k in
- * ascending order by FMA, whatever M, the tile or the thread: a row's result never depends on
- * the other rows (batch-invariant by construction).
+ * reduction (by count ~10% of a tile's work at K = 768). Each y[m, n] is one fp32 lane
+ * accumulated over k in ascending order by FMA, whatever M, the tile or the thread: a row's
+ * result never depends on the other rows (batch-invariant by construction).
  *
  * Tiles of NB vectors (16 NB outputs) x MB input rows keep NB * MB accumulators in registers
  * (4 x 7 = 28 of the 32 zmm); each converted weight vector feeds MB FMAs, each broadcast input
