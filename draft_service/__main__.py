@@ -1,8 +1,8 @@
 """python -m specmesh.draft_service --model DIR [--port P] ... (also `specmesh serve draft`)."""
 
-from specmesh.model_service.startup import tune_openmp
+from specmesh.model_service.openmp import tune_openmp
 
-tune_openmp()  # before torch loads
+tune_openmp()  # before anything imports torch (libgomp reads its environment once)
 
 from specmesh.draft_service.engine import DraftEngine  # noqa: E402
 from specmesh.draft_service.ngram_fleet import ngram_options  # noqa: E402

@@ -14,11 +14,12 @@ fused CPU layers off (`kernels.cpu_layer`), interleaved, and checks the tokens a
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 
-os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as the model services set it
+from specmesh.model_service.openmp import tune_openmp
+
+tune_openmp()  # as the model services do, before torch loads
 
 from specmesh.clients.models import resolve_pair  # noqa: E402
 from specmesh.clients.scheduled import chain_matched  # noqa: E402

@@ -12,7 +12,6 @@ A service describes itself once (`ServiceSpec`); everything else is here:
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -25,16 +24,6 @@ from specmesh.model_service.servicer import ModelServicer
 from specmesh.wire.metrics import MetricsInterceptor, ServiceMetrics, start_metrics_server
 from specmesh.wire.progress import progress
 from specmesh.wire.server import build_server, run, serve_until_signal
-
-# libgomp spins this many rounds before a thread sleeps; its default (300000, milliseconds on
-# this class of CPU) kept the verify service's idle OpenMP worker burning a core while the
-# draft service and the RPC threads waited for one. Set before torch loads libgomp.
-GOMP_SPINCOUNT = "20000"
-
-
-def tune_openmp() -> None:
-    """Call before importing torch: our default spin count unless the environment sets one."""
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
 
 @dataclass(frozen=True)

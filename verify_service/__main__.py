@@ -1,8 +1,8 @@
 """python -m specmesh.verify_service --model DIR [--port P] ... (also `specmesh serve verify`)."""
 
-from specmesh.model_service.startup import tune_openmp
+from specmesh.model_service.openmp import tune_openmp
 
-tune_openmp()  # before torch loads
+tune_openmp()  # before anything imports torch (libgomp reads its environment once)
 
 from specmesh.model_service.startup import ServiceSpec, main  # noqa: E402
 from specmesh.v1 import verify_pb2, verify_pb2_grpc  # noqa: E402
