@@ -247,7 +247,7 @@ class _Generation:
             eos_token_id=eos if eos >= 0 else None, ignore_eos=self.params.ignore_eos,
             max_spec_tokens=self.spec.max_nodes, tree=self.spec,
             sampling=self.params.sampling_proto(), priority=self.params.priority)
-        events = loop.submit(request, adaptive=self.params.adaptive)
+        events = loop.submit(request, adaptive=self.params.adaptive_on)
         try:
             async for item in events:
                 finish, matched = item.finish_reason, ""

@@ -29,7 +29,7 @@ def generate_request(prompt: str | list[int], p: GenerationParams, model: str = 
     gateway's own defaults never apply) from `model` ("" = the gateway's default)."""
     req = generate_pb2.GenerateRequest(
         max_new_tokens=p.max_new_tokens, sampling=p.sampling_proto(), stop=list(p.stop),
-        speculate=p.speculate, ignore_eos=p.ignore_eos, adaptive=p.adaptive,
+        speculate=p.speculate, ignore_eos=p.ignore_eos, adaptive=p.adaptive_on,
         tree_spec=p.tree.to_proto(), model=model, priority=PRIORITY[p.priority])
     if isinstance(prompt, str):
         req.text = prompt

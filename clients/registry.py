@@ -11,7 +11,8 @@ file (pure: no gRPC, no torch). TOML shape:
     cache = "127.0.0.1:50053"         # optional: cache service address
     tokenizer = "/path/to/model-dir"  # optional: folder with tokenizer.json, or a .gguf file
     tree = "chain:4"                  # optional default tree spec (TreeSpec.parse), "chain:4"
-    adaptive = false                  # optional: adaptive tree size by default
+    adaptive = false                  # optional: adaptive tree size by default (absent: on,
+                                      #   except for n-gram trees and seeded sampling)
     default = true                    # optional: the version `name` alone picks without weights
     weight = 90                       # optional int >= 0 (0): traffic share among the versions
                                       #   of `name` when a request names `name` alone
@@ -81,7 +82,7 @@ class ModelEntry:
     cache: str | None = None
     tokenizer: str | None = None
     tree: TreeSpec = DEFAULT_TREE
-    adaptive: bool = False
+    adaptive: bool | None = None  # None: GenerationParams' auto (on except seeded sampling)
     default: bool = False
     weight: int = 0
     max_new_tokens: int = MAX_NEW_TOKENS_LIMIT

@@ -48,7 +48,7 @@ class ResultCache:
             tree_str: str) -> cache_pb2.ResultKey | None:
         """The result key of a request; None when its output is not deterministic."""
         greedy = params.temperature == 0
-        if not greedy and (params.seed is None or (params.speculate and params.adaptive)):
+        if not greedy and (params.seed is None or (params.speculate and params.adaptive_on)):
             return None
         if greedy:
             sampling = common_pb2.SamplingParams(temperature=0.0)

@@ -36,7 +36,9 @@ async def test_greedy_speculative_equals_target_only_and_hf(models, hf_reference
     async with spec_stack(models / TINY_TARGET, models / TINY_DRAFT) as (verify, draft):
         async with AsyncSpecMeshClient(verify, draft, str(models / TINY_TARGET)) as client:
             for prompt in PROMPTS:
-                spec = await client.generate(prompt, 40, tree=tree, ignore_eos=True)
+                # adaptive=False: this very tree every round (auto-adaptive would shrink it)
+                spec = await client.generate(prompt, 40, tree=tree, adaptive=False,
+                                             ignore_eos=True)
                 plain = await client.generate(prompt, 40, speculate=False, ignore_eos=True)
                 assert plain.token_ids == hf_reference[prompt]
                 assert spec.token_ids == plain.token_ids, (tree, prompt)
@@ -64,7 +66,7 @@ async def test_concurrent_requests_match_their_target_only_output(models):
                     for p in prompts]
             together = await asyncio.gather(*(
                 client.generate(p, 24, tree=("chain:4" if i % 2 else "dynamic:12"),
-                                ignore_eos=True)
+                                adaptive=False, ignore_eos=True)
                 for i, p in enumerate(prompts)))
             stubs = client._loop.stubs  # every round of every request rode one stream each
             assert (stubs.propose_call.num_opened, stubs.verify_call.num_opened) == (1, 1)
@@ -81,3 +83,26 @@ async def test_adaptive_speculation_keeps_the_output(models, hf_reference):
                                             ignore_eos=True)
                 assert out.token_ids == hf_reference[prompt]
                 assert out.stats.num_rounds < 40  # it did speculate
+
+
+async def test_default_requests_size_their_tree_adaptively(models, hf_reference, monkeypatch):
+    """No `adaptive` given: greedy and unseeded sampling run adaptively, seeded sampling
+    keeps its fixed tree (reproducible); the greedy output is still the target's."""
+    from specmesh.clients.batch_loop import BatchLoop
+
+    seen = []
+    submit = BatchLoop.submit
+
+    def spy(self, request, adaptive=False):
+        seen.append(adaptive)
+        return submit(self, request, adaptive)
+
+    monkeypatch.setattr(BatchLoop, "submit", spy)
+    async with spec_stack(models / TINY_TARGET, models / TINY_DRAFT) as (verify, draft):
+        async with AsyncSpecMeshClient(verify, draft, str(models / TINY_TARGET)) as client:
+            out = await client.generate(PROMPTS[0], 40, ignore_eos=True)
+            await client.generate(PROMPTS[0], 8, temperature=0.8)
+            await client.generate(PROMPTS[0], 8, temperature=0.8, seed=3)
+            await client.generate(PROMPTS[0], 8, adaptive=False)
+    assert out.token_ids == hf_reference[PROMPTS[0]]
+    assert seen == [True, True, False, False]

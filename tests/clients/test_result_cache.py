@@ -81,6 +81,8 @@ async def test_nondeterministic_and_cancelled_are_never_cached(env):
     assert not await cache.store(GREEDY, PROMPT, "d", "t", "chain:4", OUT[:2], "cancelled")
     assert await cache.lookup(GREEDY, PROMPT, "d", "t", "chain:4") is None
     assert ResultCache.key(replace(GREEDY, adaptive=True), PROMPT, "d", "t", "x") is not None
+    # auto-adaptive (adaptive=None) stays off for seeded sampling: still cacheable
+    assert ResultCache.key(replace(SEEDED, adaptive=None), PROMPT, "d", "t", "x") is not None
     assert cache.stats.skipped == 5
     assert server_stats.results_written == 0  # no call reached the service for those
     assert server_stats.result_misses == 1
