@@ -54,9 +54,13 @@ def llc_bytes() -> int | None:
 def streamed(nbytes: int) -> bool:
     """True if weights of `nbytes` should be prefetched non-temporally: more than
     $SPECMESH_STREAM_MB, by default twice the last-level cache (64 MB where unknown)."""
-    env = os.environ.get("SPECMESH_STREAM_MB")
-    if env is not None:
-        return nbytes > float(env) * (1 << 20)
+    env = os.environ.get("SPECMESH_STREAM_MB", "").strip()
+    if env:  # set and not empty
+        try:
+            limit_mb = float(env)
+        except ValueError:
+            raise ValueError(f"SPECMESH_STREAM_MB: {env!r} is not a number of MB") from None
+        return nbytes > limit_mb * (1 << 20)
     llc = llc_bytes()
     return nbytes > (2 * llc if llc else STREAM_FALLBACK_MB * (1 << 20))
 

@@ -76,6 +76,11 @@ def test_streamed_policy(monkeypatch):
     llc = weight_arena.llc_bytes()
     threshold = 2 * llc if llc else int(weight_arena.STREAM_FALLBACK_MB) << 20
     assert weight_arena.streamed(threshold + 1) and not weight_arena.streamed(threshold)
+    monkeypatch.setenv("SPECMESH_STREAM_MB", "")  # set but empty: as unset (it failed the load)
+    assert weight_arena.streamed(threshold + 1) and not weight_arena.streamed(threshold)
+    monkeypatch.setenv("SPECMESH_STREAM_MB", "lots")
+    with pytest.raises(ValueError, match="SPECMESH_STREAM_MB"):
+        weight_arena.streamed(1)
 
 
 def test_streaming_changes_no_result(monkeypatch):
