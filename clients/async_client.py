@@ -230,7 +230,8 @@ class _Generation:
         self.stats.total_time_s = time.perf_counter() - self.start
         self.stats.num_generated_tokens = len(self.generated)
         self.result = GenerationResult(self.text, list(self.generated), self.prompt_ids, finish,
-                                       self.stats, str(self.spec), matched)
+                                       self.stats, str(self.spec), matched,
+                                       adaptive=self.spec.enabled and self.params.adaptive_on)
         return StreamEvent(new, delta, finish, self.result)
 
     async def replay(self, token_ids: list[int], finish: str) -> AsyncIterator[StreamEvent]:

@@ -84,5 +84,5 @@ class GatewayClient:
             prompt_ids = [] if isinstance(prompt, str) else list(prompt)
             result = GenerationResult(text, ids, prompt_ids, finish, stats, str(params.tree)
                                       if params.speculate else "none", msg.matched_stop,
-                                      msg.model)
+                                      msg.model, params.speculate and params.adaptive_on)
             yield StreamEvent(list(msg.token_ids), msg.text, finish, result)

@@ -112,6 +112,7 @@ class GenerationResult:
     tree: str = ""
     matched_stop: str = ""  # finish_reason "stop": the stop string that matched
     model: str = ""  # through a gateway: the name@version that served it
+    adaptive: bool = False  # the tree was sized each round (at most `tree`)
 
     def to_json(self) -> dict:
         s = self.stats
@@ -131,5 +132,6 @@ class GenerationResult:
             "total_time_s": round(s.total_time_s, 4),
             "queue_time_s": round(s.queue_time_s, 4),
             "tree": self.tree,
+            "adaptive": self.adaptive,
             "cache_hit": s.cache_hit,
         }

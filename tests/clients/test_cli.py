@@ -12,7 +12,7 @@ from tests.conftest import TINY_DRAFT, TINY_TARGET
 
 pytestmark = pytest.mark.models
 KEYS = {"text", "token_ids", "num_rounds", "num_draft_tokens", "num_accepted_tokens",
-        "tokens_per_s", "mean_accepted_per_round", "tree"}
+        "tokens_per_s", "mean_accepted_per_round", "tree", "adaptive"}
 
 
 def run_cli(models, *args):
@@ -33,6 +33,7 @@ def test_generate_json_spec_and_no_spec_agree(models):
     assert spec["text"].startswith(", there was a little girl named Lily")
     assert spec["num_accepted_tokens"] > 0 and plain["num_draft_tokens"] == 0
     assert spec["tree"] == "chain:4"
+    assert spec["adaptive"] is True and plain["adaptive"] is False  # the default: auto, on
 
 
 def test_device_and_dtype_reach_the_model_services(models):
