@@ -28,7 +28,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spec", action="store_true", help="target-only decoding (no draft)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="size the tree every round (at most --tree) from measured acceptance "
-                        "and costs (default: on, except for n-gram trees and for --seed with a "
+                        "and costs (default: on for chains, except for --seed with a "
                         "--temperature; --no-adaptive: the fixed tree every round)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

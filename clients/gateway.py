@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tree", default=str(DEFAULT_TREE), help="default tree spec")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
-                        help="adaptive speculation by default (unset: on, except for n-gram "
-                             "trees and seeded sampling; --no-adaptive: fixed trees)")
+                        help="adaptive speculation by default (unset: on for chains, except "
+                             "for seeded sampling; --no-adaptive: fixed trees)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics here (0 = a free port)")
     parser.add_argument("--metrics-host", default="127.0.0.1",

@@ -11,8 +11,8 @@ file (pure: no gRPC, no torch). TOML shape:
     cache = "127.0.0.1:50053"         # optional: cache service address
     tokenizer = "/path/to/model-dir"  # optional: folder with tokenizer.json, or a .gguf file
     tree = "chain:4"                  # optional default tree spec (TreeSpec.parse), "chain:4"
-    adaptive = false                  # optional: adaptive tree size by default (absent: on,
-                                      #   except for n-gram trees and seeded sampling)
+    adaptive = false                  # optional: adaptive tree size by default (absent: on
+                                      #   for chains, except for seeded sampling)
     default = true                    # optional: the version `name` alone picks without weights
     weight = 90                       # optional int >= 0 (0): traffic share among the versions
                                       #   of `name` when a request names `name` alone

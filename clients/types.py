@@ -54,16 +54,18 @@ class GenerationParams:
     @property
     def adaptive_on(self) -> bool:
         """Whether this request's tree is sized each round (clients/adaptive.py), the tree
-        given being the largest. Auto (None) turns it on for model-drafted trees: under load a
-        fixed tree costs up to half the throughput of plain decoding, and adaptive drafts less
-        there, down to nothing. Not for seeded sampling (the sampled path depends on the tree
-        drafted: a timing-sized tree would make one seed give different, equally distributed,
-        text from run to run, and its result uncacheable), nor for n-gram trees (their
-        acceptance comes in bursts, whole copied spans, that a running average misses: README
-        "Model-free drafting", ngram:8+adaptive 0.94x against ngram:8 1.33x)."""
+        given being the largest. Auto (None) turns it on for chains (the default tree): under
+        load a fixed chain costs up to half the throughput of plain decoding, and adaptive
+        drafts less there, down to nothing. Not for seeded sampling (the sampled path depends
+        on the tree drafted: a timing-sized tree would make one seed give different, equally
+        distributed, text from run to run, and its result uncacheable); not for other tree
+        kinds: the policy learns the draft's cost from chain rounds only, so a dynamic or
+        static tree would stay at its first guess (initial_k nodes) at any load, and n-gram
+        acceptance comes in bursts (whole copied spans) that a running average misses (README
+        "Model-free drafting": ngram:8+adaptive 0.94x against ngram:8 1.33x)."""
         if self.adaptive is not None:
             return self.adaptive
-        return self.tree.kind != "ngram" and (self.temperature == 0 or self.seed is None)
+        return self.tree.kind == "chain" and (self.temperature == 0 or self.seed is None)
 
     @property
     def deterministic(self) -> bool:

@@ -41,7 +41,10 @@ def test_params_are_honoured_when_no_positional_max_new_tokens_is_given():
     (dict(adaptive=False), False),
     (dict(tree=TreeSpec.parse("ngram:8")), False),  # bursty acceptance: fixed n-gram trees
     (dict(tree=TreeSpec.parse("ngram:8"), adaptive=True), True),
-    (dict(tree=TreeSpec.parse("dynamic:8")), True),
+    (dict(tree=TreeSpec.parse("dynamic:8")), False),  # draft costs are learnt from chains
+    (dict(tree=TreeSpec.parse("static:2,2")), False),
+    (dict(tree=TreeSpec.parse("chain:3")), True),
+    (dict(tree=TreeSpec.parse("dynamic:8"), adaptive=True), True),
 ])
 def test_adaptive_is_on_by_default_except_for_seeded_sampling(kwargs, on):
     assert GenerationParams(**kwargs).adaptive_on is on
