@@ -82,7 +82,7 @@ class ModelEntry:
     cache: str | None = None
     tokenizer: str | None = None
     tree: TreeSpec = DEFAULT_TREE
-    adaptive: bool | None = None  # None: GenerationParams' auto (on except seeded sampling)
+    adaptive: bool | None = None  # None: GenerationParams' auto (adaptive_on)
     default: bool = False
     weight: int = 0
     max_new_tokens: int = MAX_NEW_TOKENS_LIMIT

@@ -30,7 +30,7 @@ class GenerationParams:
     tree: TreeSpec = DEFAULT_TREE
     speculate: bool = True
     adaptive: bool | None = None  # size the tree each round from measured acceptance and costs;
-    # None (auto): on, except for seeded sampling (see adaptive_on)
+    # None (auto): on for chains, except for seeded sampling (see adaptive_on)
     priority: str = DEFAULT_PRIORITY  # scheduling class: "interactive" or "batch"
 
     def __post_init__(self):

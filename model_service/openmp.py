@@ -23,10 +23,9 @@ applied_before_torch: bool | None = None
 """None until `tune_openmp()` runs; then whether torch (and so libgomp) was still unloaded."""
 
 
-def tune_openmp() -> bool:
-    """Set our default spin count unless the environment sets one. Returns whether it can
-    still take effect (torch not imported yet); recorded in `applied_before_torch`."""
+def tune_openmp() -> None:
+    """Set our default spin count unless the environment sets one; `applied_before_torch`
+    records whether it can still take effect (torch not imported yet)."""
     global applied_before_torch
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     applied_before_torch = "torch" not in sys.modules
-    return applied_before_torch
